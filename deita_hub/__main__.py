@@ -1,0 +1,3 @@
+from deita_hub.cli import main
+
+main()

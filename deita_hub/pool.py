@@ -1,0 +1,250 @@
+"""Read instruction pools (JSON, JSONL, parquet, saved or Hub HF datasets) into Arrow + canonical conversations.
+
+A `Pool` keeps the original columns as an Arrow table (every field passes through to the built dataset), one
+canonical conversation per valid row, the original row index of each valid row, the resolved format, a content
+fingerprint for provenance, and (with `on_invalid="skip"`) the rejected rows with their reasons.
+
+Row numbers in messages are 0-based positions in the source (JSONL errors also give the 1-based line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deita_hub.conversations import FormatSpec, to_conversation
+from deita_hub.errors import DeitaHubError, InvalidRecordError
+
+log = logging.getLogger(__name__)
+
+ON_INVALID = ("error", "skip")
+
+
+@dataclass
+class Pool:
+    """Valid rows of one or more sources, in source order."""
+
+    source: str
+    table: pa.Table  # original columns of the valid rows
+    conversations: list[list[dict[str, str]]]
+    rows: np.ndarray  # int64: position of each valid row in the (concatenated) source
+    spec: FormatSpec  # resolved format of the (first) source
+    fingerprint: str  # "sha256:<hex>" over the source bytes and the format spec
+    num_source_rows: int
+    invalid: list[dict[str, Any]] = field(default_factory=list)  # {"row","field","reason","source"}
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "format": self.spec.to_dict(),
+            "num_source_rows": self.num_source_rows,
+            "num_valid_rows": len(self),
+            "num_invalid_rows": len(self.invalid),
+        }
+
+
+def _hash_path(path: Path, digest) -> None:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+
+
+def _read_json_rows(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DeitaHubError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        raise DeitaHubError(
+            f"{path}: expected a JSON array of records at the top level, got an object"
+            + (f" (its list field(s) {lists} may hold the rows: extract them or use JSONL)" if lists else "")
+        )
+    if not isinstance(data, list):
+        raise DeitaHubError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    return data
+
+
+def _read_jsonl_rows(path: Path, on_invalid: str, invalid: list) -> list[Any]:
+    rows: list[Any] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                error = InvalidRecordError(
+                    f"invalid JSON on line {line_no}: {exc.msg} (column {exc.colno})", row=len(rows), source=str(path)
+                )
+                if on_invalid == "error":
+                    raise error from exc
+                invalid.append({"row": len(rows), "field": None, "reason": error.reason, "source": str(path)})
+                rows.append(None)  # keep positions aligned with the file's records
+    return rows
+
+
+def _table_from_rows(rows: list[dict], source: str) -> pa.Table:
+    """Rows -> Arrow. A column whose rows disagree in type is named, with the first disagreeing row."""
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        for name in columns:
+            values = [row.get(name) for row in rows]
+            try:
+                pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                first = next((i for i, v in enumerate(values) if v is not None), 0)
+                kind = type(values[first]).__name__
+                bad = next(
+                    (i for i, v in enumerate(values) if v is not None and type(v).__name__ != kind), first
+                )
+                raise DeitaHubError(
+                    f"{source}: row {bad}, field '{name}': type {type(values[bad]).__name__} differs from "
+                    f"{kind} in row {first}; a column must hold one type"
+                ) from exc
+        raise DeitaHubError(f"{source}: cannot convert rows to a table: {exc}") from exc
+
+
+def _load_hf(path: str, *, config: str | None, split: str, revision: str | None, local: bool):
+    import datasets
+
+    try:
+        if local and (Path(path) / "state.json").exists():
+            return datasets.load_from_disk(path)
+        if local and (Path(path) / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(path)
+            if split not in loaded:
+                raise DeitaHubError(f"{path}: no split '{split}' (splits: {list(loaded)})")
+            return loaded[split]
+        return datasets.load_dataset(path, config, split=split, revision=revision)
+    except DeitaHubError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs the path and the reason
+        raise DeitaHubError(f"cannot load dataset '{path}' (config {config!r}, split {split!r}): {exc}") from exc
+
+
+def _read_source(
+    path: str | Path, *, config: str | None, split: str, revision: str | None, on_invalid: str, invalid: list
+) -> tuple[pa.Table | None, list | None, str]:
+    """One source -> (table or python rows, fingerprint part). Exactly one of table/rows is set."""
+    local = Path(path)
+    if local.is_file():
+        digest = hashlib.sha256()
+        _hash_path(local, digest)
+        suffix = local.suffix.lower()
+        if suffix == ".jsonl":
+            return None, _read_jsonl_rows(local, on_invalid, invalid), digest.hexdigest()
+        if suffix == ".json":
+            return None, _read_json_rows(local), digest.hexdigest()
+        if suffix == ".parquet":
+            try:
+                return pq.read_table(local), None, digest.hexdigest()
+            except Exception as exc:
+                raise DeitaHubError(f"{local}: not a readable parquet file: {exc}") from exc
+        raise DeitaHubError(f"{local}: unsupported pool file type '{suffix}' (use .json, .jsonl or .parquet)")
+    if local.is_dir():
+        digest = hashlib.sha256()
+        _hash_path(local, digest)
+        dataset = _load_hf(str(local), config=config, split=split, revision=revision, local=True)
+        return dataset.data.table, None, digest.hexdigest()
+    if "/" in str(path) and not str(path).startswith((".", "/")) and str(path).count("/") == 1:
+        dataset = _load_hf(str(path), config=config, split=split, revision=revision, local=False)
+        return dataset.data.table, None, hashlib.sha256(f"hf:{path}:{config}:{dataset._fingerprint}".encode()).hexdigest()
+    raise DeitaHubError(f"pool '{path}' does not exist (give a .json/.jsonl/.parquet file, a dataset folder or a Hub id)")
+
+
+def read_pool(
+    sources: str | Path | Sequence[str | Path],
+    spec: FormatSpec | None = None,
+    *,
+    on_invalid: str = "error",
+    config: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+) -> Pool:
+    """Read one or more sources (concatenated in order) into a Pool.
+
+    `on_invalid="error"` raises on the first bad row (file, row, field, reason); `"skip"` drops bad rows and
+    records them in `Pool.invalid`.
+    """
+    if on_invalid not in ON_INVALID:
+        raise DeitaHubError(f"on_invalid must be one of {ON_INVALID}, got '{on_invalid}'")
+    spec = spec or FormatSpec()
+    if isinstance(sources, str | Path):
+        sources = [sources]
+    if not sources:
+        raise DeitaHubError("no pool given")
+    tables, conversations, rows, invalid = [], [], [], []
+    fingerprint = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    resolved: FormatSpec | None = None
+    offset = 0
+    for source in sources:
+        name = str(source)
+        source_invalid: list[dict] = []
+        table, records, part = _read_source(
+            source, config=config, split=split, revision=revision, on_invalid=on_invalid, invalid=source_invalid
+        )
+        fingerprint.update(part.encode())
+        if records is None:
+            records = table.to_pylist()
+        bad_rows = {item["row"] for item in source_invalid}
+        columns = dict.fromkeys(k for r in records if isinstance(r, dict) for k in r)
+        if table is not None:
+            columns = dict.fromkeys(table.column_names)
+        source_spec = spec.resolve(columns)
+        resolved = resolved or source_spec
+        keep = []
+        for i, record in enumerate(records):
+            if i in bad_rows:
+                continue
+            try:
+                conversations.append(to_conversation(record, source_spec))
+            except InvalidRecordError as exc:
+                located = exc.located(row=i, source=name)
+                if on_invalid == "error":
+                    raise located from None
+                source_invalid.append({"row": i, "field": exc.field, "reason": exc.reason, "source": name})
+                continue
+            keep.append(i)
+            rows.append(offset + i)
+        if table is None:
+            table = _table_from_rows([records[i] for i in keep], name)
+        else:
+            table = table.take(pa.array(keep, type=pa.int64())) if len(keep) != len(records) else table
+        tables.append(table)
+        invalid.extend(sorted(source_invalid, key=lambda item: item["row"]))
+        offset += len(records)
+    if not conversations:
+        raise DeitaHubError(f"pool {', '.join(map(str, sources))} has no valid rows ({len(invalid)} invalid)")
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    if invalid:
+        log.warning("skipped %d invalid row(s) of %d", len(invalid), offset)
+    return Pool(
+        source=", ".join(map(str, sources)),
+        table=table,
+        conversations=conversations,
+        rows=np.asarray(rows, dtype=np.int64),
+        spec=resolved,
+        fingerprint="sha256:" + fingerprint.hexdigest(),
+        num_source_rows=offset,
+        invalid=invalid,
+    )
