@@ -1,0 +1,87 @@
+"""vLLM scoring backend (extra `[vllm]`): one `generate` call per chunk, batched by vLLM's scheduler.
+
+Deita's vLLM path asks for 1,000 logprobs, which current vLLM refuses (`max_logprobs` defaults to 20). Here
+each prompt generates one token with the top-20 log-probabilities of the first generated position. Those are
+raw log-probabilities (`logprobs_mode` raw_logprobs, the default): log-softmax of the logits over the whole
+vocabulary, so a softmax over the six digits' log-probs equals the softmax over their logits. When a digit is
+not among the top 20 the row fails with that reason (a trained Deita scorer puts the digits on top); it is
+never filled in. Prompts are passed as token ids, tokenized and truncated exactly as the transformers backend
+does, so both backends read the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from deita_hub.errors import DeitaHubError, require
+from deita_hub.scoring.prompts import DIGITS, digit_token_ids
+from deita_hub.scoring.transformers_backend import load_tokenizer
+
+TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
+
+
+def _logprob_value(entry) -> float:
+    # Logprob objects (vLLM >= 0.4) carry .logprob; some versions/flat modes hand back plain floats.
+    return float(getattr(entry, "logprob", entry))
+
+
+class VllmScorer:
+    """Digit log-probs for tokenized scorer prompts with vLLM (bf16 by default)."""
+
+    name = "vllm"
+    batches_itself = True  # the caller passes a whole chunk; vLLM's scheduler batches it
+
+    def __init__(self, config):
+        vllm = require("vllm", "vllm", "The vLLM scoring backend")
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model)
+        self.digit_ids = digit_token_ids(self.tokenizer)
+        self.dtype = "bfloat16" if config.dtype == "auto" else config.dtype
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(config.model)
+        positions = getattr(model_config, "max_position_embeddings", None) or config.max_length + 1
+        # One generated token needs one position after the prompt: prompts get at most positions - 1 tokens.
+        max_model_len = min(config.max_length + 1, positions)
+        self.max_prompt_tokens = max_model_len - 1
+        kwargs: dict[str, Any] = {"model": config.model, "dtype": self.dtype, "max_model_len": max_model_len}
+        if config.device and config.device.startswith("cuda:"):
+            raise DeitaHubError("the vLLM backend picks GPUs with CUDA_VISIBLE_DEVICES, not --device cuda:N")
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:
+            raise DeitaHubError(f"vLLM cannot load scorer model '{config.model}': {exc}") from exc
+        self.vllm_version = getattr(vllm, "__version__", "unknown")
+        # temperature 0: greedy, so the (ignored) generated token is deterministic; logprobs are raw anyway.
+        self.params = vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=TOP_LOGPROBS, detokenize=False)
+
+    def digit_logits(self, token_ids: list[list[int]]) -> tuple[np.ndarray, list[str | None]]:
+        """float32 [n, 6] digit log-probs (NaN rows where a digit is outside the top 20) and per-row reasons."""
+        prompts = [{"prompt_token_ids": list(ids)} for ids in token_ids]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        values = np.full((len(token_ids), len(DIGITS)), np.nan, dtype=np.float32)
+        reasons: list[str | None] = [None] * len(token_ids)
+        for i, output in enumerate(outputs):  # vLLM returns outputs in prompt order
+            top = output.outputs[0].logprobs[0]  # {token_id: Logprob} at the first generated position
+            missing = [digit for digit, token_id in zip(DIGITS, self.digit_ids, strict=True) if token_id not in top]
+            if missing:
+                reasons[i] = (
+                    f"digit token(s) {', '.join(missing)} not among the top-{TOP_LOGPROBS} next tokens that vLLM "
+                    "returns; the model does not answer this prompt with a digit (score it with the transformers "
+                    "backend to read all six logits)"
+                )
+                continue
+            values[i] = [_logprob_value(top[token_id]) for token_id in self.digit_ids]
+        return values, reasons
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "dtype": self.dtype,
+            "top_logprobs": TOP_LOGPROBS,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "digit_token_ids": dict(zip(DIGITS, self.digit_ids, strict=True)),
+            "versions": {"vllm": self.vllm_version},
+        }

@@ -1,0 +1,332 @@
+"""Deita's combined filter, exact and blockwise, plus the baselines users must compare it with.
+
+The specification (deita-facts.md): order rows by evol score, descending, ties broken by row index ascending (a
+stable sort; Deita's pandas sort is not stable). Walk that order with an empty selected set S; a candidate is
+rejected iff its cosine similarity to any row already in S is > max_similarity (strict); otherwise it joins S.
+Stop when |S| = budget. A smaller budget therefore yields a prefix of a larger one.
+
+How it is computed: candidates come in blocks. One matrix product of the block against S drops every candidate
+whose best similarity is over the threshold; the survivors are resolved in order against the earlier *accepted*
+members of their own block only (a rejected row never rejects anyone). That makes the same decisions as the
+one-at-a-time loop, without re-copying S per candidate.
+
+Numerics: rows are L2-normalised in float32. The decision for a pair is the float64 inner product of the two
+float32 unit vectors. Matrix products in float32 (or bf16/fp16 through torch) are only a filter: a similarity
+within `band` of the threshold is recomputed in float64 before deciding, so the result does not depend on the
+BLAS, the block size or the precision.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deita_hub.errors import DeitaHubError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Largest error we allow a fast similarity to have before an fp32 -> fp64 recheck decides: fp32 dot products of
+# unit vectors err by ~1e-6 at d=4096; bf16 moves cosines by up to ~0.008 and fp16 by ~0.001 (measured on
+# Mistral embeddings), so the bands are about twice those.
+BANDS = {"fp32": 2e-4, "bf16": 0.016, "fp16": 0.004}
+METHODS = ("deita", "random", "score", "longest")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """One subset to select. Recipe `configs:` entries and `deita-hub select` options mirror these fields."""
+
+    method: str = field(default="deita", metadata={"help": "deita | random | score (top-k by evol score) | longest (response)"})
+    budget: int = field(default=6000, metadata={"help": "rows to select"})
+    max_similarity: float = field(
+        default=0.9, metadata={"help": "deita: reject a candidate whose cosine to a selected row is > this"}
+    )
+    seed: int = field(default=42, metadata={"help": "random: permutation seed"})
+    block_size: int = field(default=2048, metadata={"help": "deita: candidates per matrix product"})
+    precision: str = field(default="fp32", metadata={"help": "deita: fp32 (numpy) | bf16 | fp16 (torch); exact either way"})
+    device: str | None = field(default=None, metadata={"help": "bf16/fp16: torch device (default cuda if available)"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise DeitaHubError(f"selection method must be one of {METHODS}, got '{self.method}'")
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise DeitaHubError(f"budget must be a positive integer, got {self.budget!r}")
+        if not -1.0 <= float(self.max_similarity) <= 1.0:
+            raise DeitaHubError(f"max_similarity is a cosine similarity in [-1, 1], got {self.max_similarity}")
+        if self.precision not in PRECISIONS:
+            raise DeitaHubError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+        if self.block_size < 1:
+            raise DeitaHubError("block_size must be positive")
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.method in ("deita", "score")
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return self.method == "deita"
+
+
+@dataclass
+class Selection:
+    """Selected positions (into the pool's valid rows) in selection order, with audit columns."""
+
+    positions: np.ndarray  # int64 [k]
+    nearest: np.ndarray  # int64 [k]: position of the most similar earlier-selected row, -1 if none/not computed
+    nearest_similarity: np.ndarray  # float64 [k]: its cosine similarity, NaN if none
+    scanned_at: np.ndarray  # int64 [k]: candidates examined (in score order) when row i was accepted
+    scanned: int  # candidates examined in all: scanned_at[-1] when the budget was met, else the pool size
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def prefix(self, budget: int) -> Selection:
+        """The selection a smaller budget makes (the walk is the same; it stops earlier)."""
+        k = min(budget, len(self.positions))
+        if k == len(self.positions):
+            return self
+        scanned = int(self.scanned_at[k - 1])
+        stats = {**self.stats, "selected": k, "scanned": scanned, "rejected": scanned - k, "budget": budget}
+        return Selection(
+            self.positions[:k], self.nearest[:k], self.nearest_similarity[:k], self.scanned_at[:k], scanned, stats
+        )
+
+
+# --- scores ------------------------------------------------------------------------------------------------
+
+
+def _per_turn(value, field_name: str, row: int) -> np.ndarray:
+    if value is None:
+        raise DeitaHubError(f"row {row}, field '{field_name}': missing score (score the pool first: deita-hub score)")
+    if isinstance(value, int | float):
+        value = [value]
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DeitaHubError(f"row {row}, field '{field_name}': scores must be numbers, got {value!r}") from None
+    if array.ndim != 1 or array.size == 0:
+        raise DeitaHubError(f"row {row}, field '{field_name}': expected a number or a non-empty list, got {value!r}")
+    if not np.isfinite(array).all():
+        raise DeitaHubError(f"row {row}, field '{field_name}': scores must be finite, got {value!r}")
+    return array
+
+
+def evol_scores(complexity: list, quality: list, *, source: str = "pool", rows: np.ndarray | None = None) -> np.ndarray:
+    """Deita's evol score per row: sum over turns of complexity_t * quality_t (not length-normalised)."""
+    out = np.empty(len(complexity), dtype=np.float64)
+    for i, (c, q) in enumerate(zip(complexity, quality, strict=True)):
+        row = int(rows[i]) if rows is not None else i
+        c_t = _per_turn(c, "complexity_scores", row)
+        q_t = _per_turn(q, "quality_scores", row)
+        if c_t.shape != q_t.shape:
+            raise DeitaHubError(
+                f"{source}: row {row}: {c_t.size} complexity score(s) but {q_t.size} quality score(s); "
+                "Deita scores each (user, assistant) pair once with each scorer"
+            )
+        out[i] = float(np.dot(c_t, q_t))
+    return out
+
+
+def score_order(scores: np.ndarray) -> np.ndarray:
+    """Descending by score, ties by position ascending (stable)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+
+
+# --- the exact blockwise filter ----------------------------------------------------------------------------
+
+
+def _unit_rows(block: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    block = np.asarray(block, dtype=np.float32)
+    norms = np.linalg.norm(block, axis=1)
+    bad = ~np.isfinite(norms) | (norms == 0)
+    if bad.any():
+        row = int(positions[np.flatnonzero(bad)[0]])
+        raise DeitaHubError(f"embedding row {row} is zero or not finite; it has no direction to compare")
+    return block / norms[:, None].astype(np.float32)
+
+
+class _Matmul:
+    """Similarity products in the configured precision; fp32 runs in numpy, half precision in torch."""
+
+    def __init__(self, precision: str, device: str | None, dim: int, capacity: int):
+        self.precision = precision
+        if precision == "fp32":
+            self.selected_fast = None
+            return
+        import torch
+
+        self.torch = torch
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.selected_fast = torch.empty((capacity, dim), dtype=self.dtype, device=self.device)
+
+    def add(self, k: int, rows: np.ndarray) -> None:
+        if self.selected_fast is not None:
+            self.selected_fast[k : k + len(rows)] = self.torch.from_numpy(rows).to(self.device, self.dtype)
+
+    def against_selected(self, block: np.ndarray, selected: np.ndarray, k: int) -> np.ndarray:
+        if self.selected_fast is None:
+            return block @ selected[:k].T
+        fast_block = self.torch.from_numpy(block).to(self.device, self.dtype)
+        return (fast_block @ self.selected_fast[:k].T).float().cpu().numpy()
+
+    def gram(self, rows: np.ndarray) -> np.ndarray:
+        if self.selected_fast is None:
+            return rows @ rows.T
+        fast = self.torch.from_numpy(rows).to(self.device, self.dtype)
+        return (fast @ fast.T).float().cpu().numpy()
+
+
+def deita_select(
+    embeddings: np.ndarray,
+    scores: np.ndarray,
+    config: SelectionConfig,
+    *,
+    progress: bool = False,
+) -> Selection:
+    """Exact Deita combined filter over `embeddings` [n, d] (float16/32, may be a memmap) ordered by `scores`."""
+    n, dim = embeddings.shape
+    if len(scores) != n:
+        raise DeitaHubError(f"{len(scores)} scores for {n} embedding rows")
+    threshold = float(config.max_similarity)
+    band = BANDS[config.precision]
+    budget = min(config.budget, n)
+    order = score_order(scores)
+    selected = np.empty((budget, dim), dtype=np.float32)  # unit rows of S, in selection order
+    positions = np.empty(budget, dtype=np.int64)
+    nearest = np.full(budget, -1, dtype=np.int64)
+    nearest_sim = np.full(budget, np.nan, dtype=np.float64)
+    fast = _Matmul(config.precision, config.device, dim, budget)
+    scanned_at = np.zeros(budget, dtype=np.int64)
+    k = rechecked = 0
+
+    def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return b.astype(np.float64) @ a.astype(np.float64)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=budget, unit="row", desc="select", disable=not progress)
+    for start in range(0, n, config.block_size):
+        if k == budget:
+            break
+        block_pos = order[start : start + config.block_size]
+        # Read rows in file order (memmap locality), then put them back in score order.
+        file_order = np.argsort(block_pos, kind="stable")
+        raw = np.empty((len(block_pos), dim), dtype=embeddings.dtype)
+        raw[file_order] = embeddings[block_pos[file_order]]
+        block = _unit_rows(raw, block_pos)
+        if k:
+            sims = fast.against_selected(block, selected, k)  # [b, k]
+            best = sims.argmax(axis=1)
+            best_sim = sims[np.arange(len(block)), best]
+        else:
+            sims = None
+            best = np.full(len(block), -1)
+            best_sim = np.full(len(block), -np.inf)
+        alive = best_sim <= threshold + band
+        # Near the threshold the fast value cannot decide: recompute the close pairs in float64.
+        for i in np.flatnonzero(alive & (best_sim > threshold - band)):
+            close = np.flatnonzero(sims[i] > threshold - band)
+            rechecked += 1
+            if (exact(block[i], selected[close]) > threshold).any():
+                alive[i] = False
+        survivors = np.flatnonzero(alive)
+        gram = fast.gram(block[survivors]) if len(survivors) > 1 else None
+        accepted: list[int] = []  # indices into `survivors` of rows accepted from this block
+        for s, i in enumerate(survivors):
+            if k == budget:
+                break
+            in_block_best, in_block_sim = -1, -np.inf
+            if accepted:
+                row_sims = gram[s, accepted]
+                if (row_sims > threshold + band).any():
+                    continue
+                close = [a for a, v in zip(accepted, row_sims, strict=True) if v > threshold - band]
+                if close:
+                    rechecked += 1
+                    if (exact(block[i], block[survivors[close]]) > threshold).any():
+                        continue
+                j = int(row_sims.argmax())
+                in_block_best, in_block_sim = accepted[j], float(row_sims[j])
+            # Accepted: record the nearest earlier-selected row (exact similarity) for the audit columns.
+            if k and (sims is not None) and best_sim[i] >= in_block_sim:
+                nearest[k] = positions[best[i]]
+                nearest_sim[k] = float(exact(block[i], selected[best[i] : best[i] + 1])[0])
+            elif in_block_best >= 0:
+                other = survivors[in_block_best]
+                nearest[k] = block_pos[other]
+                nearest_sim[k] = float(exact(block[i], block[other : other + 1])[0])
+            accepted.append(s)
+            selected[k] = block[i]
+            positions[k] = block_pos[i]
+            scanned_at[k] = start + int(i) + 1
+            k += 1
+        if accepted:
+            fast.add(k - len(accepted), block[survivors[accepted]])
+            bar.update(len(accepted))
+    bar.close()
+    scanned = int(scanned_at[k - 1]) if k == budget else n
+    stats = {
+        "selected": k,
+        "scanned": scanned,
+        "rejected": scanned - k,
+        "rechecked_in_fp64": rechecked,
+        "pool_rows": n,
+        "budget": config.budget,
+        "max_similarity": threshold,
+        "precision": config.precision,
+        "block_size": config.block_size,
+    }
+    if k < config.budget:
+        log.warning(
+            "only %d of the %d-row budget survive max_similarity %.4g over %d rows", k, config.budget, threshold, n
+        )
+    return Selection(
+        positions[:k].copy(), nearest[:k].copy(), nearest_sim[:k].copy(), scanned_at[:k].copy(), scanned, stats
+    )
+
+
+# --- baselines ---------------------------------------------------------------------------------------------
+
+
+def _ranked(order: np.ndarray, budget: int, method: str) -> Selection:
+    positions = np.asarray(order[:budget], dtype=np.int64)
+    k = len(positions)
+    return Selection(
+        positions,
+        np.full(k, -1, dtype=np.int64),
+        np.full(k, np.nan),
+        np.arange(1, k + 1, dtype=np.int64),
+        k,
+        {"selected": k, "scanned": k, "rejected": 0, "method": method, "budget": budget},
+    )
+
+
+def select(
+    config: SelectionConfig,
+    *,
+    num_rows: int,
+    scores: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
+    response_lengths: np.ndarray | None = None,
+    progress: bool = False,
+) -> Selection:
+    """Run one selection method over a pool of `num_rows` rows."""
+    if config.needs_scores and scores is None:
+        raise DeitaHubError(f"method '{config.method}' needs scores (complexity_scores and quality_scores)")
+    if config.method == "deita":
+        if embeddings is None:
+            raise DeitaHubError("method 'deita' needs embeddings (deita-hub embed, or the recipe's embedding section)")
+        return deita_select(embeddings, scores, config, progress=progress)
+    budget = min(config.budget, num_rows)
+    if config.method == "score":
+        return _ranked(score_order(scores), budget, "score")
+    if config.method == "random":
+        return _ranked(np.random.default_rng(config.seed).permutation(num_rows), budget, "random")
+    if response_lengths is None:
+        raise DeitaHubError("method 'longest' needs response lengths")
+    return _ranked(score_order(np.asarray(response_lengths, dtype=np.float64)), budget, "longest")

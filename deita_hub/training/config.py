@@ -1,0 +1,351 @@
+"""The training config: one frozen dataclass, mirrored key for key by `configs/*.yaml`, overridden by CLI flags.
+
+Everything is checked here, before a model or a dataset is loaded: unknown keys (with the closest known key),
+value types and ranges, the batch arithmetic (`total_train_batch_size` must split evenly over the devices and
+the per-device batch: the gradient accumulation is derived, never configured), options that need a GPU, and the
+optional extras the method needs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from deita_hub.errors import DeitaHubError, MissingExtraError
+
+METHODS = ("qlora", "lora", "full")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+TINY_PREFIX = "tiny:"  # `model: tiny:mistral` builds deita_hub.testing.tiny's random model into the output dir
+TINY_KINDS = ("mistral", "llama")
+GPU_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One SFT run. Defaults are the seed model's (DEITA-7B-v1.0-sft) hyperparameters."""
+
+    # --- what to train ---
+    method: str = field(
+        default="qlora",
+        metadata={"help": "qlora (4-bit NF4 base + LoRA), lora (LoRA on a bf16/fp32 base) or full (all weights)"},
+    )
+    model: str = field(
+        default="mistralai/Mistral-7B-v0.1",
+        metadata={
+            "help": "base model: Hub id, local folder, or 'tiny:mistral' / 'tiny:llama' (a tiny random model with "
+            "the offline Llama-2 tokenizer, built into OUTPUT_DIR/tiny-<kind>; for CPU demos and tests)"
+        },
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of a Hub model"})
+    model_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the base weights load in: auto (full: float32 master weights with bf16 autocast; "
+            "lora/qlora: bfloat16 when bf16 else float32), bfloat16, float16, float32"
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "sdpa, eager, flash_attention_2 or flash_attention_3 (the flash kernels need a CUDA GPU)"},
+    )
+    # --- data ---
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "training data: a built deita-hub dataset folder, a Hub dataset id, or a JSON/JSONL/parquet "
+            "pool in any format the pool reader takes (ShareGPT, OpenAI messages, Alpaca)"
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "dataset subset, e.g. 6k or 10k"})
+    dataset_split: str = field(default="train", metadata={"help": "dataset split"})
+    dataset_revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of a Hub dataset"})
+    dataset_format: str = field(default="auto", metadata={"help": "auto, sharegpt, openai or alpaca"})
+    eval_ratio: float = field(
+        default=0.0,
+        metadata={"help": "fraction of rows held out (seeded) for eval loss at every save; 0 disables eval"},
+    )
+    max_length: int = field(
+        default=2048, metadata={"help": "tokens per conversation; longer ones keep their beginning (TRL's default is 1024)"}
+    )
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "concatenate each micro-batch without pad tokens, with per-conversation position_ids: the same "
+            "loss and gradients as padding (exact), less compute"
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "pack conversations into rows of max_length tokens (TRL's BFD). Per-token losses stay exact, "
+            "but a batch element becomes a pack, so total_train_batch_size counts packs, not conversations, and "
+            "the step count differs from the seed recipe"
+        },
+    )
+    # --- optimisation ---
+    learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    optim: str = field(default="adamw_torch", metadata={"help": "transformers optimizer name"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    num_train_epochs: float = field(default=6.0, metadata={"help": "epochs over the dataset"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; > 0 overrides num_train_epochs"})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "conversations (or packs) per device per micro-step"})
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "eval batch per device"})
+    total_train_batch_size: int = field(
+        default=512,
+        metadata={
+            "help": "conversations (or packs) per optimizer step over all devices; gradient accumulation = "
+            "total / (devices x per_device_train_batch_size), which must be a whole number"
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "seed for weights init, data order and dropout"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 mixed precision (needs a GPU with bf16 support)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
+    # --- LoRA / QLoRA ---
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str | list[str] = field(
+        default="all-linear", metadata={"help": "modules to adapt: 'all-linear' (every linear layer but lm_head) or a list"}
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "qlora: nf4 or fp4"})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "qlora: quantize the quantization constants"})
+    bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "qlora: dtype of the 4-bit matmuls"})
+    # --- checkpoints, logging, publishing ---
+    output_dir: str = field(default="runs/deita-7b", metadata={"help": "checkpoints go to OUTPUT_DIR/checkpoint-N, the model to OUTPUT_DIR/final"})
+    save_steps: int = field(default=50, metadata={"help": "save (and push) a checkpoint every N optimizer steps"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
+    logging_steps: int = field(default=1, metadata={"help": "log the loss every N steps"})
+    push: str | None = field(
+        default=None,
+        metadata={"help": "Hub repo (org/name) to push every checkpoint and the final model to; null: no push"},
+    )
+    push_private: bool = field(default=False, metadata={"help": "create the Hub repo private"})
+    license: str = field(default="apache-2.0", metadata={"help": "license recorded in the model card"})
+    language: list[str] = field(default_factory=lambda: ["en"], metadata={"help": "languages recorded in the card"})
+
+    def __post_init__(self):
+        check = _Checker()
+        check.choice("method", self.method, METHODS)
+        check.choice("model_dtype", self.model_dtype, DTYPES)
+        check.choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        check.choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, DTYPES[1:])
+        check.choice("dataset_format", self.dataset_format, ("auto", "sharegpt", "openai", "alpaca"))
+        if self.model.startswith(TINY_PREFIX):
+            check.choice("model", self.model, tuple(TINY_PREFIX + kind for kind in TINY_KINDS))
+        for name in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "total_train_batch_size", "save_steps", "logging_steps", "lora_r", "lora_alpha"):
+            check.positive(name, getattr(self, name))
+        for name in ("learning_rate", "adam_epsilon", "num_train_epochs"):
+            check.positive(name, getattr(self, name))
+        for name in ("warmup_ratio", "lora_dropout", "eval_ratio", "adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                check.errors.append(f"'{name}' must be in [0, 1), got {value}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            check.errors.append(f"'max_steps' must be -1 (use num_train_epochs) or positive, got {self.max_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            check.errors.append(f"'save_total_limit' must be null or positive, got {self.save_total_limit}")
+        if self.push is not None and (self.push.count("/") != 1 or self.push.startswith(("/", ".")) or self.push.endswith("/")):
+            check.errors.append(f"'push' must be a Hub repo id 'org/name', got '{self.push}'")
+        check.raise_if_any()
+
+    # --- derived values ---
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model.startswith(TINY_PREFIX)
+
+    def resolved_model_dtype(self) -> str:
+        if self.model_dtype != "auto":
+            return self.model_dtype
+        if self.method == "full":
+            return "float32"  # fp32 master weights; bf16 only in the autocast forward
+        return "bfloat16" if self.bf16 else "float32"
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        per_step = world_size * self.per_device_train_batch_size
+        if self.total_train_batch_size % per_step:
+            raise DeitaHubError(
+                f"total_train_batch_size {self.total_train_batch_size} is not a multiple of devices ({world_size}) x "
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) = {per_step}: gradient "
+                "accumulation must be a whole number of micro-steps; change one of them"
+            )
+        return self.total_train_batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Checker:
+    def __init__(self):
+        self.errors: list[str] = []
+
+    def choice(self, name: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            self.errors.append(f"'{name}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+    def positive(self, name: str, value: Any) -> None:
+        if not value > 0:
+            self.errors.append(f"'{name}' must be positive, got {value}")
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise DeitaHubError("training config: " + "; ".join(self.errors))
+
+
+# --- reading configs -------------------------------------------------------------------------------------------
+
+
+def config_fields() -> dict[str, Any]:
+    """Field name -> dataclasses.Field, in declaration order (the CLI builds `--set` help from it)."""
+    return {f.name: f for f in fields(TrainConfig)}
+
+
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """YAML/CLI value -> the field's type, or an error naming the key. (PyYAML reads `2e-5` as a string.)"""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise DeitaHubError(f"{source}: '{name}' may not be null")
+    candidates = [a for a in args if a is not type(None)] or [hint]
+    for candidate in candidates:
+        origin = typing.get_origin(candidate)
+        if candidate is bool:
+            if isinstance(value, bool):
+                return value
+        elif candidate is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif candidate is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif candidate is str:
+            if isinstance(value, str):
+                return value
+        elif origin is list:
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+    expected = " or ".join(getattr(c, "__name__", str(c)) for c in candidates)
+    raise DeitaHubError(f"{source}: '{name}' must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    known = config_fields()
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise DeitaHubError(f"{source}: unknown key(s) {', '.join(hints)}; see `deita-hub train --help-config`")
+    hints = _type_hints()
+    values = {key: _coerce(key, value, hints[key], source) for key, value in data.items()}
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (packaged names like `tiny-cpu.yaml` work too) and apply overrides (None = unset)."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        from deita_hub.resources import resolve_resource
+
+        resolved = resolve_resource(path, "configs")
+        if not resolved.is_file():
+            raise DeitaHubError(f"training config '{path}' not found")
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise DeitaHubError(f"{path}: invalid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DeitaHubError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+        data = dict(loaded or {})
+    base = config_from_dict(data, source=source)
+    if overrides:
+        hints = _type_hints()
+        known = config_fields()
+        for key in overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise DeitaHubError(
+                    f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                )
+        changes = {key: _coerce(key, value, hints[key], "override") for key, value in overrides.items()}
+        base = replace(base, **changes)
+    return base
+
+
+# --- checks against the machine (cheap: no model, no data) ------------------------------------------------------
+
+
+def world_size() -> int:
+    """Processes in this launch (`accelerate launch` / `torchrun` set WORLD_SIZE)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as exc:
+        raise DeitaHubError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from exc
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_extras(config: TrainConfig) -> None:
+    needed = [("trl", "train"), ("accelerate", "train")]
+    if config.method in ("lora", "qlora"):
+        needed.append(("peft", "train"))
+    if config.method == "qlora":
+        needed.append(("bitsandbytes", "qlora"))
+    for module, extra in needed:
+        if not _has_module(module):
+            raise MissingExtraError(module, extra, f"Training with method '{config.method}'")
+    if config.attn_implementation == "flash_attention_2" and not _has_module("flash_attn"):
+        raise DeitaHubError("attn_implementation flash_attention_2 needs the 'flash-attn' package: pip install flash-attn")
+
+
+def check_environment(config: TrainConfig, *, cuda_available: bool | None = None) -> None:
+    """Options that need hardware this machine lacks fail here, with what to change.
+
+    QLoRA is allowed on CPU: bitsandbytes >= 0.45 ships CPU 4-bit kernels (slow, but it trains), which is what the
+    tests use.
+    """
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if cuda_available:
+        return
+    problems = []
+    if config.bf16:
+        problems.append("bf16: true needs a CUDA GPU with bf16 support (set bf16: false on CPU, as tiny-cpu.yaml does)")
+    if config.attn_implementation in GPU_ATTENTION:
+        problems.append(f"attn_implementation {config.attn_implementation} needs a CUDA GPU (use sdpa)")
+    if problems:
+        raise DeitaHubError("no CUDA GPU on this machine: " + "; ".join(problems))

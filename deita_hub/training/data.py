@@ -1,0 +1,169 @@
+"""Training data: a pool or built dataset -> Vicuna-rendered token ids with the assistant-only loss mask.
+
+Conversations are rendered with the tokenizer's chat template (the Vicuna v1.1 Jinja template, whose
+`{% generation %}` markers make `assistant_masks`: 1 on each assistant reply and its `</s>`, 0 elsewhere), then
+truncated to `max_length` keeping the beginning. We tokenize here rather than inside TRL because TRL refuses
+`max_length` with padding-free batching without packing: truncating first keeps padding-free exact and lets us
+count what truncation did. A conversation whose supervised tokens are all cut off is dropped (it has no loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deita_hub.chat_template import VICUNA_CHAT_TEMPLATE
+from deita_hub.errors import DeitaHubError
+
+log = logging.getLogger(__name__)
+
+BUILD_RECORD = "deita_build.json"
+
+
+@dataclass
+class TrainData:
+    train: Any  # datasets.Dataset with input_ids, assistant_masks
+    eval: Any | None
+    record: dict[str, Any]  # the run record's "dataset" section
+    num_conversations: int
+    num_truncated: int
+    num_dropped: int
+    num_tokens: int
+
+
+def use_vicuna_template(tokenizer) -> None:
+    """Every deita-hub model trains and chats with Vicuna v1.1; replace another template loudly."""
+    if tokenizer.chat_template and tokenizer.chat_template != VICUNA_CHAT_TEMPLATE:
+        log.info("replacing the tokenizer's own chat template with Vicuna v1.1 (the template Deita trains with)")
+    tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
+    if tokenizer.bos_token is None or tokenizer.eos_token is None:
+        raise DeitaHubError("the tokenizer has no bos_token/eos_token; Vicuna v1.1 needs both (<s>, </s>)")
+
+
+def tokenize_conversation(tokenizer, turns: list[dict[str, str]], max_length: int | None) -> tuple[list[int], list[int]]:
+    """Token ids and assistant mask of one canonical conversation, truncated to `max_length` (start kept)."""
+    encoded = tokenizer.apply_chat_template(
+        turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    if max_length is not None:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return ids, mask
+
+
+def _dataset_id(source: str) -> str:
+    """Hub ids are kept; local paths are reduced to their basename (no local paths in published records)."""
+    path = Path(source)
+    if path.exists():
+        return path.resolve().name
+    return source
+
+
+def _build_summary(config) -> dict[str, Any] | None:
+    """The selection summary of a dataset built by deita-hub (its `deita_build.json`), when it is local."""
+    path = Path(config.dataset)
+    candidates = [path / BUILD_RECORD] if path.is_dir() else []
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                build = json.loads(candidate.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise DeitaHubError(f"{candidate}: invalid JSON: {exc.msg}") from exc
+            return build.get("selection") if isinstance(build, dict) else None
+    if not path.exists() and config.dataset.count("/") == 1:
+        return _hub_build_summary(config)
+    return None
+
+
+def _hub_build_summary(config) -> dict[str, Any] | None:
+    """A Hub dataset built by deita-hub carries `deita_build.json`; others simply do not (None, not an error)."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - huggingface_hub is a core dependency
+        return None
+    try:
+        local = hf_hub_download(
+            config.dataset, BUILD_RECORD, repo_type="dataset", revision=config.dataset_revision
+        )
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+        return None
+    except HfHubHTTPError as exc:  # the data itself loaded; a missing card detail must not stop training
+        log.warning("could not read %s from %s: %s", BUILD_RECORD, config.dataset, exc)
+        return None
+    build = json.loads(Path(local).read_text(encoding="utf-8"))
+    return build.get("selection") if isinstance(build, dict) else None
+
+
+def load_train_data(config, tokenizer) -> TrainData:
+    """Read `config.dataset`, render + tokenize every conversation, split off the eval rows."""
+    from datasets import Dataset
+
+    from deita_hub.conversations import FormatSpec
+    from deita_hub.pool import read_pool
+
+    if not config.dataset:
+        raise DeitaHubError("no training data: set 'dataset' in the config or pass --dataset")
+    pool = read_pool(
+        config.dataset,
+        FormatSpec(format=config.dataset_format),
+        config=config.dataset_config,
+        split=config.dataset_split,
+        revision=config.dataset_revision,
+    )
+    use_vicuna_template(tokenizer)
+    input_ids, masks = [], []
+    truncated = dropped = tokens = 0
+    for turns in pool.conversations:
+        ids, mask = tokenize_conversation(tokenizer, turns, None)
+        if len(ids) > config.max_length:
+            truncated += 1
+            ids, mask = ids[: config.max_length], mask[: config.max_length]
+            if 1 not in mask:  # the replies all lie beyond max_length: no loss to learn from
+                dropped += 1
+                continue
+        input_ids.append(ids)
+        masks.append(mask)
+        tokens += len(ids)
+    if not input_ids:
+        raise DeitaHubError(
+            f"{config.dataset}: every conversation lost its assistant replies to max_length {config.max_length}"
+        )
+    if truncated:
+        log.warning(
+            "%d of %d conversations are longer than max_length %d and were truncated (%d dropped: nothing left to "
+            "learn from)", truncated, len(pool), config.max_length, dropped,
+        )
+    dataset = Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
+    eval_dataset = None
+    if config.eval_ratio > 0:
+        if len(dataset) < 2:
+            raise DeitaHubError(f"eval_ratio {config.eval_ratio} needs at least 2 conversations, got {len(dataset)}")
+        split = dataset.train_test_split(test_size=config.eval_ratio, seed=config.seed, shuffle=True)
+        dataset, eval_dataset = split["train"], split["test"]
+    record = {
+        "id": _dataset_id(config.dataset),
+        "config": config.dataset_config,
+        "split": config.dataset_split,
+        "revision": config.dataset_revision,
+        "fingerprint": pool.fingerprint,
+        "num_rows": len(pool),
+        "build": _build_summary(config),
+    }
+    return TrainData(
+        train=dataset,
+        eval=eval_dataset,
+        record=record,
+        num_conversations=len(pool),
+        num_truncated=truncated,
+        num_dropped=dropped,
+        num_tokens=tokens,
+    )

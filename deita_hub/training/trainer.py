@@ -1,0 +1,466 @@
+"""`deita-hub train`: TRL's SFTTrainer with the Vicuna template, for qlora / lora / full, with pushes and resume.
+
+Output layout (OUTPUT_DIR = `output_dir`):
+
+    OUTPUT_DIR/deita_train_config.yaml   the resolved config (a resume must match it)
+    OUTPUT_DIR/checkpoint-N/             Trainer checkpoint + deita_run.json + README.md (deita-hub's card)
+    OUTPUT_DIR/final/                    the trained model or adapter + tokenizer + template + record + card
+    OUTPUT_DIR/tiny-<kind>/              the base model, when `model: tiny:<kind>`
+
+A checkpoint is complete once its `deita_run.json` exists: it is written (atomically) after everything the
+Trainer saves. `resume` continues from the newest complete checkpoint, with the Trainer's own restore of the
+optimizer, scheduler, RNG state and position in the (seeded) data order; an incomplete newer checkpoint, left by
+a kill in the middle of a save, is removed first.
+
+The HF token is never given to the Trainer (`TrainingArguments.hub_token` is pickled into `training_args.bin`)
+and TRL's own push is never used: uploads go through `deita_hub.hub` with the token from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deita_hub.errors import DeitaHubError
+from deita_hub.training import record as run_record
+from deita_hub.training.config import (
+    TINY_PREFIX,
+    TrainConfig,
+    check_environment,
+    check_extras,
+    config_from_dict,
+    world_size,
+)
+from deita_hub.training.push import CheckpointUploader, PushAttempt
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "deita_train_config.yaml"
+FINAL_DIR = "final"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Keys a resumed run may change: they do not touch the model, the data or its order.
+RESUMABLE_CHANGES = {
+    "push", "push_private", "save_steps", "save_total_limit", "logging_steps", "max_steps", "num_train_epochs",
+    "license", "language", "output_dir",
+}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    global_step: int
+    train_loss: float | None
+    resumed_from: int | None  # the checkpoint step the run continued from
+    pushes: list[PushAttempt] = field(default_factory=list)
+
+    @property
+    def push_failures(self) -> list[PushAttempt]:
+        return [attempt for attempt in self.pushes if not attempt.ok]
+
+    @property
+    def final_pushed(self) -> bool:
+        return any(attempt.ok and attempt.step is None for attempt in self.pushes)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint folder, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _CHECKPOINT_RE.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / run_record.RUN_RECORD).is_file() and (checkpoint / "trainer_state.json").is_file()
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    for _, path in reversed(checkpoints(output_dir)):
+        if is_complete(path):
+            return path
+    return None
+
+
+def _prepare_output_dir(config: TrainConfig, resume: bool) -> Path | None:
+    """Check OUTPUT_DIR against `resume`; return the checkpoint to resume from (None: start at step 0)."""
+    import yaml
+
+    out = Path(config.output_dir)
+    saved_config = out / CONFIG_FILE
+    existing = checkpoints(out)
+    if not resume:
+        if existing or (out / FINAL_DIR).exists():
+            raise DeitaHubError(
+                f"{out} already holds a run ({(existing[-1][1] if existing else out / FINAL_DIR).name}): pass "
+                "--resume to continue it, or choose another --output-dir"
+            )
+        return None
+    if saved_config.is_file():
+        previous = config_from_dict(yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}, source=str(saved_config))
+        changed = sorted(
+            key for key, value in config.to_dict().items()
+            if key not in RESUMABLE_CHANGES and previous.to_dict().get(key) != value
+        )
+        if changed:
+            raise DeitaHubError(
+                f"--resume: the config differs from the run in {out} in {', '.join(changed)}; a resumed run must "
+                "train the same model on the same data in the same order (use a new --output-dir instead)"
+            )
+    checkpoint = last_complete_checkpoint(out)
+    for step, path in existing:
+        if checkpoint is None or step > int(_CHECKPOINT_RE.match(checkpoint.name).group(1)):
+            log.warning("removing %s: the save was interrupted (no %s)", path, run_record.RUN_RECORD)
+            shutil.rmtree(path)
+    if checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
+    else:
+        log.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
+# --- model --------------------------------------------------------------------------------------------------------
+
+
+def _resolve_model(config: TrainConfig) -> tuple[str, str]:
+    """(what from_pretrained loads, what the record names). `tiny:<kind>` is built into OUTPUT_DIR once."""
+    if config.is_tiny:
+        from deita_hub.testing.tiny import save_tiny_model
+
+        kind = config.model[len(TINY_PREFIX):]
+        folder = Path(config.output_dir) / f"tiny-{kind}"
+        if not (folder / "config.json").is_file():
+            tmp = folder.with_name(f".{folder.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_tiny_model(tmp, kind)
+            tmp.rename(folder)
+        return str(folder.resolve()), f"tiny-{kind}"
+    return config.model, run_record.model_reference(config.model)
+
+
+def _load_tokenizer(model_path: str, revision: str | None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, revision=revision)
+    except OSError as exc:
+        raise DeitaHubError(f"cannot load the tokenizer of '{model_path}': {exc}") from exc
+
+
+def _peft_config(config: TrainConfig):
+    if config.method == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _quantization_config(config: TrainConfig):
+    if config.method != "qlora":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, config.bnb_4bit_compute_dtype),
+    )
+
+
+def _lora_record(config: TrainConfig) -> dict[str, Any] | None:
+    if config.method == "full":
+        return None
+    return {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": config.lora_target_modules}
+
+
+def _quantization_record(config: TrainConfig) -> dict[str, Any] | None:
+    if config.method != "qlora":
+        return None
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": config.bnb_4bit_quant_type,
+            "bnb_4bit_use_double_quant": config.bnb_4bit_use_double_quant,
+            "bnb_4bit_compute_dtype": config.bnb_4bit_compute_dtype}
+
+
+# --- trainer ------------------------------------------------------------------------------------------------------
+
+
+def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eval: bool, cuda: bool):
+    """The TRL SFTConfig of a run. The data arrives tokenized and truncated (see training.data), so TRL gets
+    `max_length` only to size packs, and no `assistant_only_loss` (the mask column already carries it)."""
+    from trl import SFTConfig
+
+    model_init_kwargs: dict[str, Any] = {
+        "dtype": config.resolved_model_dtype(),
+        "attn_implementation": config.attn_implementation,
+    }
+    if config.model_revision:
+        model_init_kwargs["revision"] = config.model_revision
+    if config.method == "qlora" and cuda:
+        from accelerate import PartialState
+
+        # A 4-bit model cannot be moved after loading: place it on this process's GPU (also under DDP).
+        model_init_kwargs["device_map"] = {"": PartialState().local_process_index}
+    return SFTConfig(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        optim=config.optim,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        use_cpu=not cuda,
+        gradient_checkpointing=config.gradient_checkpointing,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.save_steps if has_eval else None,
+        report_to=[],
+        max_length=config.max_length if config.packing else None,
+        packing=config.packing,
+        packing_strategy="bfd",
+        padding_free=config.padding_free or config.packing,
+        assistant_only_loss=False,
+        model_init_kwargs=model_init_kwargs,
+        push_to_hub=False,
+        hub_token=None,
+        disable_tqdm=True,
+    )
+
+
+def _distributed_type(trainer, cuda: bool) -> str:
+    kind = str(trainer.accelerator.state.distributed_type).split(".")[-1].upper()
+    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp", "MULTI_GPU": "multi-GPU", "MULTI_CPU": "multi-CPU"}.get(
+        kind, "single-GPU" if cuda else "cpu"
+    )
+
+
+def _hyperparameters(config: TrainConfig, args, *, distributed_type: str, devices: int) -> dict[str, Any]:
+    return {
+        "learning_rate": config.learning_rate,
+        "train_batch_size": config.per_device_train_batch_size,
+        "eval_batch_size": config.per_device_eval_batch_size,
+        "seed": config.seed,
+        "distributed_type": distributed_type,
+        "num_devices": devices,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "total_train_batch_size": config.total_train_batch_size,
+        "total_eval_batch_size": config.per_device_eval_batch_size * devices,
+        "optimizer": {
+            "name": config.optim,
+            "betas": [config.adam_beta1, config.adam_beta2],
+            "epsilon": config.adam_epsilon,
+            "weight_decay": config.weight_decay,
+        },
+        "lr_scheduler_type": config.lr_scheduler_type,
+        "lr_scheduler_warmup_ratio": config.warmup_ratio,
+        "num_epochs": float(config.num_train_epochs),
+        "max_length": config.max_length,
+        "bf16": config.bf16,
+        "packing": config.packing,
+        "padding_free": config.padding_free or config.packing,
+        "assistant_only_loss": True,
+        "max_steps": config.max_steps,
+    }
+
+
+class _RunRecorder:
+    """Builds the record for a checkpoint or the final folder from the trainer's live state."""
+
+    def __init__(self, config: TrainConfig, *, base_model: str, dataset: dict, hyperparameters: dict):
+        self.config = config
+        self.base_model = base_model
+        self.dataset = dataset
+        self.hyperparameters = hyperparameters
+
+    def build(self, state, *, train_loss: float | None = None, runtime_s: float | None = None) -> dict[str, Any]:
+        config = self.config
+        name = config.push.split("/")[-1] if config.push else Path(config.output_dir).resolve().name
+        return run_record.new_record(
+            kind="full" if config.method == "full" else "adapter",
+            method=config.method,
+            base_model=self.base_model,
+            model_name=name,
+            hub_repo=config.push,
+            dataset=self.dataset,
+            hyperparameters=self.hyperparameters,
+            lora=_lora_record(config),
+            quantization=_quantization_record(config),
+            results=run_record.results(state, train_loss=train_loss, runtime_s=runtime_s),
+            license=config.license,
+            language=config.language,
+        )
+
+    def write(self, folder: Path, state, **results) -> None:
+        # The card first: the record's appearance is what marks a checkpoint complete.
+        record = self.build(state, **results)
+        tmp = folder / f".{run_record.RUN_RECORD}.card"
+        tmp.mkdir(exist_ok=True)
+        try:
+            run_record.write_record(tmp, record)
+            run_record.write_card(tmp)
+            for path in sorted(tmp.rglob("*")):
+                if path.is_file() and path.name != run_record.RUN_RECORD:
+                    target = folder / path.relative_to(tmp)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    path.replace(target)
+            run_record.write_record(folder, record)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _callback(recorder: _RunRecorder, uploader: CheckpointUploader | None):
+    from transformers import TrainerCallback
+
+    class DeitaHubCallback(TrainerCallback):
+        """After each Trainer save: the record + card into the checkpoint, then its upload in the background."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            recorder.write(folder, state)
+            if uploader is not None:
+                uploader.submit(state.global_step, folder)
+
+    return DeitaHubCallback()
+
+
+def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=None):
+    """Everything up to `trainer.train()`; returns (trainer, recorder, uploader, data). Used by `train` and tests."""
+    import torch
+    from trl import SFTTrainer
+
+    from deita_hub.training.data import load_train_data
+
+    cuda = torch.cuda.is_available()
+    devices = world_size()
+    accumulation = config.gradient_accumulation_steps(devices)
+    model_path, base_model = _resolve_model(config)
+    tokenizer = _load_tokenizer(model_path, config.model_revision)
+    data = load_train_data(config, tokenizer)
+    log.info(
+        "training data: %d conversations, %d tokens (%d truncated to %d, %d dropped)",
+        data.num_conversations, data.num_tokens, data.num_truncated, config.max_length, data.num_dropped,
+    )
+    if config.method == "qlora" and not cuda:
+        log.info("qlora on CPU: bitsandbytes' CPU 4-bit kernels train, slowly (fine for tiny models and tests)")
+    args = sft_config(config, gradient_accumulation_steps=accumulation, has_eval=data.eval is not None, cuda=cuda)
+    trainer = SFTTrainer(
+        model=model_path,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=_peft_config(config),
+        quantization_config=_quantization_config(config),
+    )
+    recorder = _RunRecorder(
+        config,
+        base_model=base_model,
+        dataset=data.record,
+        hyperparameters=_hyperparameters(
+            config, trainer.args, distributed_type=_distributed_type(trainer, cuda), devices=devices
+        ),
+    )
+    uploader = None
+    if config.push and trainer.is_world_process_zero():
+        uploader = (uploader_factory or CheckpointUploader)(
+            config.push,
+            private=config.push_private,
+            staging_root=Path(config.output_dir) / ".push-staging",
+            base_model=base_model,
+        )
+    trainer.add_callback(_callback(recorder, uploader))
+    for callback in extra_callbacks:
+        trainer.add_callback(callback)
+    return trainer, recorder, uploader, data
+
+
+def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> TrainResult:
+    """Train, checkpoint (and push) every `save_steps`, save OUTPUT_DIR/final (and push it)."""
+    import yaml
+
+    # Cheap checks first: nothing heavy has loaded when these fail.
+    if not config.dataset:
+        raise DeitaHubError("no training data: set 'dataset' in the config or pass --dataset")
+    config.gradient_accumulation_steps(world_size())
+    check_extras(config)
+    check_environment(config)
+    if config.push:
+        from deita_hub.hub import check_token
+
+        check_token()  # a missing or rejected token fails now, not after the first checkpoint
+    checkpoint = _prepare_output_dir(config, resume)
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, recorder, uploader, _ = build_trainer(config, extra_callbacks=extra_callbacks)
+    if trainer.is_world_process_zero():
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        if uploader is not None:
+            uploader.wait()
+
+    final = out / FINAL_DIR
+    tmp = out / f".{FINAL_DIR}.tmp"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # every rank: FSDP/DeepSpeed gather the weights
+    trainer.accelerator.wait_for_everyone()
+    result = TrainResult(
+        output_dir=out,
+        final_dir=final,
+        global_step=trainer.state.global_step,
+        train_loss=output.training_loss,
+        resumed_from=int(_CHECKPOINT_RE.match(checkpoint.name).group(1)) if checkpoint else None,
+    )
+    if not trainer.is_world_process_zero():
+        return result
+    recorder.write(tmp, trainer.state, train_loss=output.training_loss, runtime_s=output.metrics.get("train_runtime"))
+    if final.exists():
+        old = out / f".{FINAL_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    if uploader is not None:
+        uploader.push_final(final)
+        result.pushes = list(uploader.attempts)
+    return result

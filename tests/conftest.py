@@ -1,0 +1,1 @@
+pytest_plugins = ["deita_hub.testing.pytest_plugin"]
