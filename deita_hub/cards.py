@@ -510,7 +510,7 @@ def card_context(
     }[kind]
     results_items = [
         ("global_step", results.get("global_step")),
-        ("epoch", results.get("epoch")),
+        ("epoch", None if results.get("epoch") is None else f"{results['epoch']:.2f}"),
         ("train_loss", None if results.get("train_loss") is None else f"{results['train_loss']:.4f}"),
         ("eval_loss", None if results.get("eval_loss") is None else f"{results['eval_loss']:.4f}"),
         (
@@ -579,11 +579,14 @@ def card_data(record: dict, *, eval_results: dict | None = None):
     tags = ["deita", "deita-hub", "trl", "sft"] + (
         [record["method"]] if record.get("method") in ("lora", "qlora") else []
     )
+    # A local base model is recorded by folder basename; the Hub's model tree only knows `namespace/name` ids.
+    base_model = _field(record, "base_model")
+    on_hub = _hub_link(base_model) is not None
     return ModelCardData(
         license=_field(record, "license"),
         language=list(_field(record, "language")),
-        base_model=_field(record, "base_model"),
-        base_model_relation=_RELATION[kind],
+        base_model=base_model if on_hub else None,
+        base_model_relation=_RELATION[kind] if on_hub else None,
         library_name=_LIBRARY[kind],
         datasets=[dataset_id] if _hub_link(dataset_id, "dataset") else None,
         tags=tags,

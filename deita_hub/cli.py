@@ -287,3 +287,211 @@ def push(folder, repo_id, repo_type, tag, private, revision, message, delete_mis
         )
     if result.tag:
         click.echo(f"tag {result.tag} -> {result.head_oid[:12]} ({result.url}/tree/{result.tag})")
+
+
+# --- training ---
+
+
+def _print_config_help(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from deita_hub.training.config import config_fields
+
+    click.echo("Training config keys (YAML keys; override any with --set KEY=VALUE):\n")
+    for name, spec in config_fields().items():
+        default = spec.default_factory() if callable(spec.default_factory) else spec.default
+        click.echo(f"  {name} (default: {default!r})\n      {spec.metadata.get('help', '')}")
+    ctx.exit()
+
+
+@cli.command("train")
+@click.argument("config", required=False)
+@click.option(
+    "--dataset", default=None, help="Built dataset folder, Hub dataset id, or JSON/JSONL/parquet pool."
+)
+@click.option("--dataset-config", default=None, help="Dataset subset (e.g. 6k).")
+@click.option("--dataset-split", default=None, help="Dataset split (default: train).")
+@click.option("--dataset-revision", default=None, help="Branch, tag or commit of a Hub dataset.")
+@click.option("--model", default=None, help="Base model: Hub id, folder, or tiny:mistral / tiny:llama.")
+@click.option(
+    "--method", type=click.Choice(["qlora", "lora", "full"]), default=None, help="Fine-tuning method."
+)
+@click.option("--output-dir", default=None, help="Where checkpoints and OUTPUT_DIR/final go.")
+@click.option(
+    "--push",
+    "push_repo",
+    default=None,
+    help="Hub repo (org/name): push every checkpoint and the final model.",
+)
+@click.option("--private", is_flag=True, default=None, help="Create the pushed repo private.")
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in OUTPUT_DIR.")
+@click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (overrides epochs).")
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key (YAML value)."
+)
+@click.option(
+    "--help-config",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_config_help,
+    help="List every config key with its default and meaning, then exit.",
+)
+def train(
+    config,
+    dataset,
+    dataset_config,
+    dataset_split,
+    dataset_revision,
+    model,
+    method,
+    output_dir,
+    push_repo,
+    private,
+    resume,
+    max_steps,
+    sets,
+):
+    """Supervised fine-tuning with the Vicuna v1.1 template (TRL SFTTrainer; qlora, lora or full).
+
+    CONFIG is a YAML file (configs/mistral-7b-qlora.yaml, mistral-7b-lora.yaml, mistral-7b-full.yaml,
+    tiny-cpu.yaml; packaged names work anywhere). Flags override its keys. Multi-GPU: `accelerate launch
+    --config_file configs/accelerate/fsdp.yaml -m deita_hub train CONFIG`.
+    """
+    import yaml
+
+    from deita_hub.training.config import load_config
+    from deita_hub.training.trainer import train as run_training
+
+    overrides = {}
+    for key, raw in _key_values(sets, "--set").items():
+        overrides[key] = yaml.safe_load(raw)
+    flags = {
+        "dataset": dataset,
+        "dataset_config": dataset_config,
+        "dataset_split": dataset_split,
+        "dataset_revision": dataset_revision,
+        "model": model,
+        "method": method,
+        "output_dir": output_dir,
+        "push": push_repo,
+        "push_private": private,
+        "max_steps": max_steps,
+    }
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    result = run_training(load_config(config, overrides), resume=resume)
+    if result.resumed_from is not None:
+        click.echo(f"resumed from checkpoint-{result.resumed_from}")
+    loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    click.echo(f"trained {result.global_step} steps (train loss {loss}); model in {result.final_dir}")
+    for attempt in result.pushes:
+        what = "final model" if attempt.step is None else f"checkpoint-{attempt.step}"
+        click.echo(f"push {what}: {'ok ' if attempt.ok else 'FAILED '}{attempt.detail}")
+    if result.pushes and not result.final_pushed:
+        raise DeitaHubError(
+            f"training finished ({result.final_dir}) but pushing the final model failed; run the same command "
+            "with --resume to push it again"
+        )
+
+
+@cli.command("merge")
+@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the merged model."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    help="dtype of the base and of the merged weights.",
+)
+@click.option(
+    "--base", "base_model", default=None, help="Base model (default: the adapter's base_model_name_or_path)."
+)
+@click.option("--push", "push_repo", default=None, help="Hub repo (org/name) to push the merged model to.")
+@click.option("--private", is_flag=True, help="Create the pushed repo private.")
+def merge(adapter_dir, out_dir, dtype, base_model, push_repo, private):
+    """Merge a LoRA/QLoRA adapter (OUTPUT_DIR/final or a checkpoint) into its base model."""
+    from deita_hub.training.merge import merge_adapter
+
+    result = merge_adapter(
+        adapter_dir, out_dir, dtype=dtype, base_model=base_model, push=push_repo, private=private
+    )
+    click.echo(f"merged into {result.base_model}: {result.out_dir}")
+    if result.pushed:
+        click.echo(f"pushed: {result.pushed}")
+
+
+@cli.command("chat")
+@click.argument("model")
+@click.option(
+    "--prompt", default=None, help="One message: print the reply and exit (default: read stdin lines)."
+)
+@click.option("--system", default=None, help="System prompt (default: Vicuna v1.1's).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    help="auto: bfloat16 on GPU, float32 on CPU.",
+)
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+def chat(model, prompt, system, max_new_tokens, temperature, top_p, seed, dtype, revision):
+    """Chat with MODEL (merged/full folder, adapter folder, or Hub id) in the Vicuna v1.1 format."""
+    from deita_hub.training.chat import GenerationSettings, chat_loop, chat_once, load_chat_model
+
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise DeitaHubError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    loaded, tokenizer = load_chat_model(model, dtype=dtype, revision=revision)
+    if prompt is not None:
+        click.echo(chat_once(loaded, tokenizer, prompt, settings, system=system))
+    else:
+        chat_loop(loaded, tokenizer, settings, system=system)
+
+
+# --- scoring ---
+
+
+@cli.command()
+@click.argument("pool")
+@click.option("--scorer", required=True, type=click.Choice(["complexity", "quality"]),
+              help="complexity reads each instruction; quality reads each (instruction, response) pair.")
+@click.option("--model", required=True, help="Scorer model: Hub id or folder (e.g. hkust-nlp/deita-complexity-scorer).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Output .jsonl: every input field plus complexity_scores / quality_scores.")
+@click.option("--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"]))
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per forward pass.")
+@click.option("--max-length", default=2048, show_default=True, type=int, help="Max prompt tokens (incl. BOS).")
+@click.option("--truncation-side", default="right", show_default=True, type=click.Choice(["right", "left", "none"]),
+              help="Cut longer prompts inside the text (right keeps its beginning), or fail them (none).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="auto: bf16 on GPU, fp32 on CPU.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
+@click.option("--ray-actors", default=None, type=int, help="Ray actors (default: one per GPU, else 1).")
+@pool_options
+def score(pool, scorer, model, out, backend, batch_size, max_length, truncation_side, dtype, device, use_ray,
+          ray_actors, **pool_kwargs):
+    """Score POOL with a Deita scorer, per (user, assistant) pair; resumes an interrupted run of the same OUT."""
+    from pathlib import Path
+
+    from deita_hub.scoring import ScoreConfig, failures_path, score_pool
+
+    config = ScoreConfig(scorer=scorer, model=model, backend=backend, batch_size=batch_size, max_length=max_length,
+                         truncation_side=truncation_side, dtype=dtype, device=device, use_ray=use_ray,
+                         ray_actors=ray_actors)
+    data = _read_pool_from_options(pool, **pool_kwargs)
+    meta = score_pool(data, config, out)
+    _write_invalid(data, out)
+    rate = f", {meta['rows_per_second']} rows/s" if meta.get("rows_per_second") else ""
+    click.echo(f"wrote {out}: {meta['num_rows']} rows, {meta['num_pairs']} pairs scored ({meta['output_field']}"
+               f"{rate}; {meta['resumed_rows']} resumed, {meta['truncated_pairs']} truncated)")
+    if meta["num_failed_rows"]:
+        click.echo(f"{meta['num_failed_rows']} row(s) could not be scored (null scores); reasons in "
+                   f"{failures_path(Path(out))}", err=True)

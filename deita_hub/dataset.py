@@ -370,7 +370,7 @@ def build(
             "recipe": recipe.to_dict(),
             "pool": provenance,
             "scores": {**score_meta, "pool_evol_score": _describe(scores)} if scores is not None else None,
-            "embedding": {k: v for k, v in (embed_meta or {}).items() if k not in ("pool", "file")} or None,
+            "embedding": {k: v for k, v in (embed_meta or {}).items() if k != "pool"} or None,
             "subsets": subsets_record,
             "invalid_rows": len(pool.invalid),
             "plot": PLOT if has_plot else None,
@@ -416,6 +416,11 @@ def run_select(
     configs = [config]
     if baselines:
         configs += [dataclasses.replace(config, method=m) for m in ("random", "score", "longest") if m != config.method]
+    matrix = None
+    if config.needs_embeddings:
+        if embeddings is None:
+            raise DeitaHubError("--embeddings is required for method deita (make one with deita-hub embed)")
+        matrix, _ = load_embeddings(embeddings, num_rows=len(pool), pool_fingerprint=pool.fingerprint)
     scores = None
     if any(c.needs_scores for c in configs):
         columns = pool.table.column_names
@@ -431,11 +436,6 @@ def run_select(
             source=pool.source,
             rows=pool.rows,
         )
-    matrix = None
-    if config.needs_embeddings:
-        if embeddings is None:
-            raise DeitaHubError("--embeddings is required for method deita (make one with deita-hub embed)")
-        matrix, _ = load_embeddings(embeddings, num_rows=len(pool), pool_fingerprint=pool.fingerprint)
     lengths = np.fromiter((response_length(c) for c in pool.conversations), dtype=np.int64, count=len(pool))
     written = []
     for c in configs:

@@ -206,6 +206,12 @@ def read_pool(
         fingerprint.update(part.encode())
         if records is None:
             records = table.to_pylist()
+        for i, record in enumerate(records):
+            if record is not None and not isinstance(record, dict):
+                error = InvalidRecordError(f"expected an object, got {type(record).__name__}", row=i, source=name)
+                if on_invalid == "error":
+                    raise error
+                source_invalid.append({"row": i, "field": None, "reason": error.reason, "source": name})
         bad_rows = {item["row"] for item in source_invalid}
         columns = dict.fromkeys(k for r in records if isinstance(r, dict) for k in r)
         if table is not None:

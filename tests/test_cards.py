@@ -273,6 +273,14 @@ def test_library_and_base_model_relation_per_kind(kind, method, library, relatio
     assert ("QLoRA settings:" in card.text) == (method == "qlora")
 
 
+def test_local_base_model_is_named_but_not_in_the_model_tree():
+    card = cards.model_card(tiny_record(base_model="tiny-mistral"))
+    metadata = card.data.to_dict()
+    assert "base_model" not in metadata and "base_model_relation" not in metadata
+    assert card.data.library_name == "peft"
+    assert "**Finetuned from model:** `tiny-mistral`" in card.text
+
+
 def test_eval_results_table_from_a_file(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(

@@ -120,7 +120,9 @@ class LastTokenEmbedder:
             "model": self.config.model,
             "dtype": self.dtype,
             "max_model_len": min(self.max_length, positions),
-            "pooler_config" if "pooler_config" in engine_fields else "override_pooler_config": PoolerConfig(**pooler),
+            "pooler_config" if "pooler_config" in engine_fields else "override_pooler_config": PoolerConfig(
+                **pooler
+            ),
         }
         if "runner" in engine_fields:
             kwargs.update(runner="pooling", convert="embed")
@@ -189,7 +191,9 @@ class LastTokenEmbedder:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "backend": self.config.backend,
-            "batching": "length-sorted batches" if self.config.backend == "transformers" else "vLLM scheduler",
+            "batching": "length-sorted batches"
+            if self.config.backend == "transformers"
+            else "vLLM scheduler",
             "batch_size": self.config.batch_size,
             "versions": {**versions, "deita_hub": __version__},
         }

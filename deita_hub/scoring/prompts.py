@@ -56,7 +56,10 @@ def digit_token_ids(tokenizer) -> list[int]:
                 f"the scorer's tokenizer has no single token for the digit '{digit}'; Deita's score needs the "
                 "digits 1..6 to be single vocabulary entries"
             )
-        if tokenizer.convert_ids_to_tokens(token_id) != digit or tokenizer.decode([token_id]).strip() != digit:
+        if (
+            tokenizer.convert_ids_to_tokens(token_id) != digit
+            or tokenizer.decode([token_id]).strip() != digit
+        ):
             raise DeitaHubError(
                 f"token id {token_id} for '{digit}' decodes as {tokenizer.decode([token_id])!r}; the scorer's "
                 f"tokenizer does not have '{digit}' as a single token"

@@ -55,7 +55,9 @@ class VllmScorer:
             raise DeitaHubError(f"vLLM cannot load scorer model '{config.model}': {exc}") from exc
         self.vllm_version = getattr(vllm, "__version__", "unknown")
         # temperature 0: greedy, so the (ignored) generated token is deterministic; logprobs are raw anyway.
-        self.params = vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=TOP_LOGPROBS, detokenize=False)
+        self.params = vllm.SamplingParams(
+            max_tokens=1, temperature=0.0, logprobs=TOP_LOGPROBS, detokenize=False
+        )
 
     def digit_logits(self, token_ids: list[list[int]]) -> tuple[np.ndarray, list[str | None]]:
         """float32 [n, 6] digit log-probs (NaN rows where a digit is outside the top 20) and per-row reasons."""
@@ -65,7 +67,9 @@ class VllmScorer:
         reasons: list[str | None] = [None] * len(token_ids)
         for i, output in enumerate(outputs):  # vLLM returns outputs in prompt order
             top = output.outputs[0].logprobs[0]  # {token_id: Logprob} at the first generated position
-            missing = [digit for digit, token_id in zip(DIGITS, self.digit_ids, strict=True) if token_id not in top]
+            missing = [
+                digit for digit, token_id in zip(DIGITS, self.digit_ids, strict=True) if token_id not in top
+            ]
             if missing:
                 reasons[i] = (
                     f"digit token(s) {', '.join(missing)} not among the top-{TOP_LOGPROBS} next tokens that vLLM "

@@ -859,12 +859,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not _HEX64.match(sha256) or not hmac.compare_digest(sig, self._lfs_signature(sha256, size)):
             self._read_body_quietly()
             raise HttpError(403, "invalid or expired upload URL")
-        if self._body is not None:
-            chunks = iter([self._body])
-        else:
-            chunks = self._body_chunks()
+        chunks = iter([self._body]) if self._body is not None else self._body_chunks()
+        self._body = b""  # put_stream consumes the whole body, even when the content turns out wrong
         self.hub.store.put_stream(chunks, expected_sha256=sha256, expected_size=size)
-        self._body = b""
         return Response(200)
 
     def _ep_commit(self, method, route):
@@ -1199,7 +1196,13 @@ class HubServer:
         return self._httpd.server_address[1]
 
     def start(self) -> HubServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="deita-test-hub", daemon=True)
+        # A short poll interval so stop() (one fixture teardown per test) returns in milliseconds.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="deita-test-hub",
+            daemon=True,
+        )
         self._thread.start()
         return self
 

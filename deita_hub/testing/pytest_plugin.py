@@ -49,6 +49,7 @@ def hub_env(hub_server, hub_token, tmp_path_factory) -> dict[str, str]:
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_DISABLE_XET="1",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
         HF_HUB_ETAG_TIMEOUT="5",
         HF_HUB_DOWNLOAD_TIMEOUT="10",
         DEITA_HUB_RETRY_BASE_DELAY="0.05",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,7 +21,9 @@ from deita_hub.errors import DeitaHubError, MissingExtraError
 
 METHODS = ("qlora", "lora", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-TINY_PREFIX = "tiny:"  # `model: tiny:mistral` builds deita_hub.testing.tiny's random model into the output dir
+TINY_PREFIX = (
+    "tiny:"  # `model: tiny:mistral` builds deita_hub.testing.tiny's random model into the output dir
+)
 TINY_KINDS = ("mistral", "llama")
 GPU_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
@@ -32,7 +35,9 @@ class TrainConfig:
     # --- what to train ---
     method: str = field(
         default="qlora",
-        metadata={"help": "qlora (4-bit NF4 base + LoRA), lora (LoRA on a bf16/fp32 base) or full (all weights)"},
+        metadata={
+            "help": "qlora (4-bit NF4 base + LoRA), lora (LoRA on a bf16/fp32 base) or full (all weights)"
+        },
     )
     model: str = field(
         default="mistralai/Mistral-7B-v0.1",
@@ -41,7 +46,9 @@ class TrainConfig:
             "the offline Llama-2 tokenizer, built into OUTPUT_DIR/tiny-<kind>; for CPU demos and tests)"
         },
     )
-    model_revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of a Hub model"})
+    model_revision: str | None = field(
+        default=None, metadata={"help": "branch, tag or commit of a Hub model"}
+    )
     model_dtype: str = field(
         default="auto",
         metadata={
@@ -51,7 +58,9 @@ class TrainConfig:
     )
     attn_implementation: str = field(
         default="sdpa",
-        metadata={"help": "sdpa, eager, flash_attention_2 or flash_attention_3 (the flash kernels need a CUDA GPU)"},
+        metadata={
+            "help": "sdpa, eager, flash_attention_2 or flash_attention_3 (the flash kernels need a CUDA GPU)"
+        },
     )
     # --- data ---
     dataset: str | None = field(
@@ -63,14 +72,19 @@ class TrainConfig:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "dataset subset, e.g. 6k or 10k"})
     dataset_split: str = field(default="train", metadata={"help": "dataset split"})
-    dataset_revision: str | None = field(default=None, metadata={"help": "branch, tag or commit of a Hub dataset"})
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "branch, tag or commit of a Hub dataset"}
+    )
     dataset_format: str = field(default="auto", metadata={"help": "auto, sharegpt, openai or alpaca"})
     eval_ratio: float = field(
         default=0.0,
         metadata={"help": "fraction of rows held out (seeded) for eval loss at every save; 0 disables eval"},
     )
     max_length: int = field(
-        default=2048, metadata={"help": "tokens per conversation; longer ones keep their beginning (TRL's default is 1024)"}
+        default=2048,
+        metadata={
+            "help": "tokens per conversation; longer ones keep their beginning (TRL's default is 1024)"
+        },
     )
     padding_free: bool = field(
         default=True,
@@ -99,7 +113,9 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     num_train_epochs: float = field(default=6.0, metadata={"help": "epochs over the dataset"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; > 0 overrides num_train_epochs"})
-    per_device_train_batch_size: int = field(default=1, metadata={"help": "conversations (or packs) per device per micro-step"})
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "conversations (or packs) per device per micro-step"}
+    )
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "eval batch per device"})
     total_train_batch_size: int = field(
         default=512,
@@ -109,30 +125,50 @@ class TrainConfig:
         },
     )
     seed: int = field(default=42, metadata={"help": "seed for weights init, data order and dropout"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 mixed precision (needs a GPU with bf16 support)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
+    bf16: bool = field(
+        default=True, metadata={"help": "bf16 mixed precision (needs a GPU with bf16 support)"}
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "recompute activations to save memory"}
+    )
     # --- LoRA / QLoRA ---
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
     lora_target_modules: str | list[str] = field(
-        default="all-linear", metadata={"help": "modules to adapt: 'all-linear' (every linear layer but lm_head) or a list"}
+        default="all-linear",
+        metadata={"help": "modules to adapt: 'all-linear' (every linear layer but lm_head) or a list"},
     )
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "qlora: nf4 or fp4"})
-    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "qlora: quantize the quantization constants"})
-    bnb_4bit_compute_dtype: str = field(default="bfloat16", metadata={"help": "qlora: dtype of the 4-bit matmuls"})
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "qlora: quantize the quantization constants"}
+    )
+    bnb_4bit_compute_dtype: str = field(
+        default="bfloat16", metadata={"help": "qlora: dtype of the 4-bit matmuls"}
+    )
     # --- checkpoints, logging, publishing ---
-    output_dir: str = field(default="runs/deita-7b", metadata={"help": "checkpoints go to OUTPUT_DIR/checkpoint-N, the model to OUTPUT_DIR/final"})
-    save_steps: int = field(default=50, metadata={"help": "save (and push) a checkpoint every N optimizer steps"})
-    save_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
+    output_dir: str = field(
+        default="runs/deita-7b",
+        metadata={"help": "checkpoints go to OUTPUT_DIR/checkpoint-N, the model to OUTPUT_DIR/final"},
+    )
+    save_steps: int = field(
+        default=50, metadata={"help": "save (and push) a checkpoint every N optimizer steps"}
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "keep only the newest N checkpoints"}
+    )
     logging_steps: int = field(default=1, metadata={"help": "log the loss every N steps"})
     push: str | None = field(
         default=None,
-        metadata={"help": "Hub repo (org/name) to push every checkpoint and the final model to; null: no push"},
+        metadata={
+            "help": "Hub repo (org/name) to push every checkpoint and the final model to; null: no push"
+        },
     )
     push_private: bool = field(default=False, metadata={"help": "create the Hub repo private"})
     license: str = field(default="apache-2.0", metadata={"help": "license recorded in the model card"})
-    language: list[str] = field(default_factory=lambda: ["en"], metadata={"help": "languages recorded in the card"})
+    language: list[str] = field(
+        default_factory=lambda: ["en"], metadata={"help": "languages recorded in the card"}
+    )
 
     def __post_init__(self):
         check = _Checker()
@@ -143,8 +179,16 @@ class TrainConfig:
         check.choice("dataset_format", self.dataset_format, ("auto", "sharegpt", "openai", "alpaca"))
         if self.model.startswith(TINY_PREFIX):
             check.choice("model", self.model, tuple(TINY_PREFIX + kind for kind in TINY_KINDS))
-        for name in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "total_train_batch_size", "save_steps", "logging_steps", "lora_r", "lora_alpha"):
+        for name in (
+            "max_length",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "total_train_batch_size",
+            "save_steps",
+            "logging_steps",
+            "lora_r",
+            "lora_alpha",
+        ):
             check.positive(name, getattr(self, name))
         for name in ("learning_rate", "adam_epsilon", "num_train_epochs"):
             check.positive(name, getattr(self, name))
@@ -153,10 +197,14 @@ class TrainConfig:
             if not 0 <= value < 1:
                 check.errors.append(f"'{name}' must be in [0, 1), got {value}")
         if self.max_steps == 0 or self.max_steps < -1:
-            check.errors.append(f"'max_steps' must be -1 (use num_train_epochs) or positive, got {self.max_steps}")
+            check.errors.append(
+                f"'max_steps' must be -1 (use num_train_epochs) or positive, got {self.max_steps}"
+            )
         if self.save_total_limit is not None and self.save_total_limit < 1:
             check.errors.append(f"'save_total_limit' must be null or positive, got {self.save_total_limit}")
-        if self.push is not None and (self.push.count("/") != 1 or self.push.startswith(("/", ".")) or self.push.endswith("/")):
+        if self.push is not None and (
+            self.push.count("/") != 1 or self.push.startswith(("/", ".")) or self.push.endswith("/")
+        ):
             check.errors.append(f"'push' must be a Hub repo id 'org/name', got '{self.push}'")
         check.raise_if_any()
 
@@ -218,12 +266,13 @@ def _type_hints() -> dict[str, Any]:
 
 def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     """YAML/CLI value -> the field's type, or an error naming the key. (PyYAML reads `2e-5` as a string.)"""
-    args = typing.get_args(hint)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if is_union else (hint,)
     if value is None:
         if type(None) in args:
             return None
         raise DeitaHubError(f"{source}: '{name}' may not be null")
-    candidates = [a for a in args if a is not type(None)] or [hint]
+    candidates = [a for a in args if a is not type(None)]
     for candidate in candidates:
         origin = typing.get_origin(candidate)
         if candidate is bool:
@@ -258,7 +307,9 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> TrainCo
         for key in unknown:
             close = difflib.get_close_matches(str(key), known, n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise DeitaHubError(f"{source}: unknown key(s) {', '.join(hints)}; see `deita-hub train --help-config`")
+        raise DeitaHubError(
+            f"{source}: unknown key(s) {', '.join(hints)}; see `deita-hub train --help-config`"
+        )
     hints = _type_hints()
     values = {key: _coerce(key, value, hints[key], source) for key, value in data.items()}
     return TrainConfig(**values)
@@ -327,7 +378,9 @@ def check_extras(config: TrainConfig) -> None:
         if not _has_module(module):
             raise MissingExtraError(module, extra, f"Training with method '{config.method}'")
     if config.attn_implementation == "flash_attention_2" and not _has_module("flash_attn"):
-        raise DeitaHubError("attn_implementation flash_attention_2 needs the 'flash-attn' package: pip install flash-attn")
+        raise DeitaHubError(
+            "attn_implementation flash_attention_2 needs the 'flash-attn' package: pip install flash-attn"
+        )
 
 
 def check_environment(config: TrainConfig, *, cuda_available: bool | None = None) -> None:
@@ -344,7 +397,9 @@ def check_environment(config: TrainConfig, *, cuda_available: bool | None = None
         return
     problems = []
     if config.bf16:
-        problems.append("bf16: true needs a CUDA GPU with bf16 support (set bf16: false on CPU, as tiny-cpu.yaml does)")
+        problems.append(
+            "bf16: true needs a CUDA GPU with bf16 support (set bf16: false on CPU, as tiny-cpu.yaml does)"
+        )
     if config.attn_implementation in GPU_ATTENTION:
         problems.append(f"attn_implementation {config.attn_implementation} needs a CUDA GPU (use sdpa)")
     if problems:

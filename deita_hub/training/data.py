@@ -37,13 +37,17 @@ class TrainData:
 def use_vicuna_template(tokenizer) -> None:
     """Every deita-hub model trains and chats with Vicuna v1.1; replace another template loudly."""
     if tokenizer.chat_template and tokenizer.chat_template != VICUNA_CHAT_TEMPLATE:
-        log.info("replacing the tokenizer's own chat template with Vicuna v1.1 (the template Deita trains with)")
+        log.info(
+            "replacing the tokenizer's own chat template with Vicuna v1.1 (the template Deita trains with)"
+        )
     tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
     if tokenizer.bos_token is None or tokenizer.eos_token is None:
         raise DeitaHubError("the tokenizer has no bos_token/eos_token; Vicuna v1.1 needs both (<s>, </s>)")
 
 
-def tokenize_conversation(tokenizer, turns: list[dict[str, str]], max_length: int | None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    tokenizer, turns: list[dict[str, str]], max_length: int | None
+) -> tuple[list[int], list[int]]:
     """Token ids and assistant mask of one canonical conversation, truncated to `max_length` (start kept)."""
     encoded = tokenizer.apply_chat_template(
         turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -140,13 +144,19 @@ def load_train_data(config, tokenizer) -> TrainData:
     if truncated:
         log.warning(
             "%d of %d conversations are longer than max_length %d and were truncated (%d dropped: nothing left to "
-            "learn from)", truncated, len(pool), config.max_length, dropped,
+            "learn from)",
+            truncated,
+            len(pool),
+            config.max_length,
+            dropped,
         )
     dataset = Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
     eval_dataset = None
     if config.eval_ratio > 0:
         if len(dataset) < 2:
-            raise DeitaHubError(f"eval_ratio {config.eval_ratio} needs at least 2 conversations, got {len(dataset)}")
+            raise DeitaHubError(
+                f"eval_ratio {config.eval_ratio} needs at least 2 conversations, got {len(dataset)}"
+            )
         split = dataset.train_test_split(test_size=config.eval_ratio, seed=config.seed, shuffle=True)
         dataset, eval_dataset = split["train"], split["test"]
     record = {

@@ -107,11 +107,21 @@ class CheckpointUploader:
         try:
             detail = push_staged(staging, self.repo_id, private=self.private, message=message)
             attempt = PushAttempt(step, True, detail)
-            log.info("pushed %s to %s: %s", "final model" if step is None else f"checkpoint-{step}", self.repo_id, detail)
+            log.info(
+                "pushed %s to %s: %s",
+                "final model" if step is None else f"checkpoint-{step}",
+                self.repo_id,
+                detail,
+            )
         except Exception as exc:  # an upload failure must never stop training: record it, report at the end
             attempt = PushAttempt(step, False, f"{type(exc).__name__}: {exc}")
             what = "the final model" if step is None else f"checkpoint-{step}"
-            log.warning("pushing %s to %s failed (training goes on; the next save retries): %s", what, self.repo_id, exc)
+            log.warning(
+                "pushing %s to %s failed (training goes on; the next save retries): %s",
+                what,
+                self.repo_id,
+                exc,
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.attempts.append(attempt)

@@ -19,7 +19,16 @@ from deita_hub.chat_template import TEMPLATE_NAME
 
 RUN_RECORD = "deita_run.json"
 SCHEMA = 1
-_DISTRIBUTIONS = ("transformers", "torch", "datasets", "tokenizers", "peft", "trl", "bitsandbytes", "accelerate")
+_DISTRIBUTIONS = (
+    "transformers",
+    "torch",
+    "datasets",
+    "tokenizers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "accelerate",
+)
 _LOG_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "eval_loss")
 
 

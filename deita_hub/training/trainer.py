@@ -19,6 +19,7 @@ and TRL's own push is never used: uploads go through `deita_hub.hub` with the to
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -44,8 +45,16 @@ FINAL_DIR = "final"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Keys a resumed run may change: they do not touch the model, the data or its order.
 RESUMABLE_CHANGES = {
-    "push", "push_private", "save_steps", "save_total_limit", "logging_steps", "max_steps", "num_train_epochs",
-    "license", "language", "output_dir",
+    "push",
+    "push_private",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "max_steps",
+    "num_train_epochs",
+    "license",
+    "language",
+    "output_dir",
 }
 
 
@@ -108,9 +117,12 @@ def _prepare_output_dir(config: TrainConfig, resume: bool) -> Path | None:
             )
         return None
     if saved_config.is_file():
-        previous = config_from_dict(yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}, source=str(saved_config))
+        previous = config_from_dict(
+            yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}, source=str(saved_config)
+        )
         changed = sorted(
-            key for key, value in config.to_dict().items()
+            key
+            for key, value in config.to_dict().items()
             if key not in RESUMABLE_CHANGES and previous.to_dict().get(key) != value
         )
         if changed:
@@ -138,7 +150,7 @@ def _resolve_model(config: TrainConfig) -> tuple[str, str]:
     if config.is_tiny:
         from deita_hub.testing.tiny import save_tiny_model
 
-        kind = config.model[len(TINY_PREFIX):]
+        kind = config.model[len(TINY_PREFIX) :]
         folder = Path(config.output_dir) / f"tiny-{kind}"
         if not (folder / "config.json").is_file():
             tmp = folder.with_name(f".{folder.name}.tmp")
@@ -189,16 +201,23 @@ def _quantization_config(config: TrainConfig):
 def _lora_record(config: TrainConfig) -> dict[str, Any] | None:
     if config.method == "full":
         return None
-    return {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-            "target_modules": config.lora_target_modules}
+    return {
+        "r": config.lora_r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "target_modules": config.lora_target_modules,
+    }
 
 
 def _quantization_record(config: TrainConfig) -> dict[str, Any] | None:
     if config.method != "qlora":
         return None
-    return {"load_in_4bit": True, "bnb_4bit_quant_type": config.bnb_4bit_quant_type,
-            "bnb_4bit_use_double_quant": config.bnb_4bit_use_double_quant,
-            "bnb_4bit_compute_dtype": config.bnb_4bit_compute_dtype}
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": config.bnb_4bit_quant_type,
+        "bnb_4bit_use_double_quant": config.bnb_4bit_use_double_quant,
+        "bnb_4bit_compute_dtype": config.bnb_4bit_compute_dtype,
+    }
 
 
 # --- trainer ------------------------------------------------------------------------------------------------------
@@ -220,6 +239,12 @@ def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eva
 
         # A 4-bit model cannot be moved after loading: place it on this process's GPU (also under DDP).
         model_init_kwargs["device_map"] = {"": PartialState().local_process_index}
+    checkpointing = config.gradient_checkpointing
+    if checkpointing and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true":
+        # FSDP's own activation checkpointing (configs/accelerate/fsdp.yaml) replaces the Trainer's; transformers
+        # refuses both at once.
+        log.info("FSDP activation checkpointing is on: the Trainer's gradient_checkpointing is turned off")
+        checkpointing = False
     return SFTConfig(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -240,7 +265,7 @@ def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eva
         data_seed=config.seed,
         bf16=config.bf16,
         use_cpu=not cuda,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=checkpointing,  # transformers 5's name for gradient checkpointing
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
@@ -305,7 +330,9 @@ class _RunRecorder:
         self.dataset = dataset
         self.hyperparameters = hyperparameters
 
-    def build(self, state, *, train_loss: float | None = None, runtime_s: float | None = None) -> dict[str, Any]:
+    def build(
+        self, state, *, train_loss: float | None = None, runtime_s: float | None = None
+    ) -> dict[str, Any]:
         config = self.config
         name = config.push.split("/")[-1] if config.push else Path(config.output_dir).resolve().name
         return run_record.new_record(
@@ -324,21 +351,10 @@ class _RunRecorder:
         )
 
     def write(self, folder: Path, state, **results) -> None:
-        # The card first: the record's appearance is what marks a checkpoint complete.
-        record = self.build(state, **results)
-        tmp = folder / f".{run_record.RUN_RECORD}.card"
-        tmp.mkdir(exist_ok=True)
-        try:
-            run_record.write_record(tmp, record)
-            run_record.write_card(tmp)
-            for path in sorted(tmp.rglob("*")):
-                if path.is_file() and path.name != run_record.RUN_RECORD:
-                    target = folder / path.relative_to(tmp)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    path.replace(target)
-            run_record.write_record(folder, record)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # The record marks a checkpoint complete (it comes after every Trainer file); the card is rendered from it
+        # and overwrites the README that PEFT/TRL wrote.
+        run_record.write_record(folder, self.build(state, **results))
+        run_record.write_card(folder)
 
 
 def _callback(recorder: _RunRecorder, uploader: CheckpointUploader | None):
@@ -373,11 +389,19 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
     data = load_train_data(config, tokenizer)
     log.info(
         "training data: %d conversations, %d tokens (%d truncated to %d, %d dropped)",
-        data.num_conversations, data.num_tokens, data.num_truncated, config.max_length, data.num_dropped,
+        data.num_conversations,
+        data.num_tokens,
+        data.num_truncated,
+        config.max_length,
+        data.num_dropped,
     )
     if config.method == "qlora" and not cuda:
-        log.info("qlora on CPU: bitsandbytes' CPU 4-bit kernels train, slowly (fine for tiny models and tests)")
-    args = sft_config(config, gradient_accumulation_steps=accumulation, has_eval=data.eval is not None, cuda=cuda)
+        log.info(
+            "qlora on CPU: bitsandbytes' CPU 4-bit kernels train, slowly (fine for tiny models and tests)"
+        )
+    args = sft_config(
+        config, gradient_accumulation_steps=accumulation, has_eval=data.eval is not None, cuda=cuda
+    )
     trainer = SFTTrainer(
         model=model_path,
         args=args,
@@ -451,7 +475,9 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
     )
     if not trainer.is_world_process_zero():
         return result
-    recorder.write(tmp, trainer.state, train_loss=output.training_loss, runtime_s=output.metrics.get("train_runtime"))
+    recorder.write(
+        tmp, trainer.state, train_loss=output.training_loss, runtime_s=output.metrics.get("train_runtime")
+    )
     if final.exists():
         old = out / f".{FINAL_DIR}.old"
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,171 @@
+"""Deita scoring speed: deita-hub's batched scorer vs Deita's one-prompt-per-`generate` loop, same model and rows.
+
+Deita's `Scorer.infer_score` encodes one prompt, calls `generate(max_new_tokens=2, output_scores=True)` and reads
+the six digit logits of the first generated position. deita-hub sorts prompts by length, right-pads batches,
+runs the base model once per batch and applies the LM head only at each row's last token. Scores must agree
+to 1e-4; the script prints both timings and the ratio.
+
+    python benchmarks/score.py                      # random 4-layer 512-wide LLaMA, 200 prompts of 10-200 words
+    python benchmarks/score.py --rows 400 --batch-size 32 --with-naive
+
+Everything is offline: the model is built from a config with random weights and the Llama-2 tokenizer from
+the `wordllama` package. On a GPU pass --device cuda (both sides then run there, fp32 unless --dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+WORDS = (
+    "the model data selection score quality complexity answer question explain write code function list table "
+    "history science river mountain city language music theory number proof example detail summary reason "
+    "step first second because therefore however compare contrast analyse design build test measure improve "
+    "short long simple careful clear polite helpful assistant user story poem email letter plan recipe travel"
+).split()
+
+
+def make_rows(n: int, seed: int) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        instruction = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 200)))
+        rows.append([{"role": "user", "content": instruction}, {"role": "assistant", "content": "ok"}])
+    return rows
+
+
+def deita_way(model, tokenizer, prompts: list[str], digit_ids: list[int], device: str) -> list[float]:
+    """Deita's LlamaScorer.infer_score, one prompt per generate() call (minus its 3.0-on-failure)."""
+    scores = []
+    template = np.array([1, 2, 3, 4, 5, 6])
+    for prompt in prompts:
+        input_ids = tokenizer.encode(prompt, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            outputs = model.generate(
+                input_ids,
+                max_new_tokens=2,
+                num_return_sequences=1,
+                return_dict_in_generate=True,
+                output_scores=True,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        logits = outputs.scores[0][0][digit_ids].float().cpu().numpy().astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        scores.append(float((probs * template).sum()))
+    return scores
+
+
+def naive_left_padded(
+    model, tokenizer, prompts: list[str], digit_ids: list[int], device: str, batch_size: int
+):
+    """Batches in input order, left-padded, full logits at every position: what a quick batching attempt does."""
+    tokenizer.padding_side = "left"
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt").to(device)
+        position_ids = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(**enc, position_ids=position_ids).logits[:, -1, digit_ids].float().cpu().numpy()
+        for z in logits.astype(np.float64):
+            p = np.exp(z - z.max())
+            scores.append(float((p / p.sum() * np.arange(1, 7)).sum()))
+    tokenizer.padding_side = "right"
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--with-naive", action="store_true", help="also time naive left-padded full-logit batches"
+    )
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deita_hub.scoring import ScoreConfig, make_scorer, prompts, score_conversations
+    from deita_hub.testing.tiny import save_tiny_model
+
+    rows = make_rows(args.rows, args.seed)
+    with tempfile.TemporaryDirectory() as folder:
+        heads = max(args.hidden // 64, 1)
+        save_tiny_model(
+            folder,
+            "llama",
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=heads,
+            num_kv_heads=heads,
+            intermediate_size=int(args.hidden * 2.6875),
+        )
+        config = ScoreConfig(
+            scorer="complexity",
+            model=folder,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        scorer = make_scorer(config)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = (
+            AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
+            .to(args.device)
+            .eval()
+        )
+        texts = [prompts.render("complexity", {"instruction": r[0]["content"]}) for r in rows]
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        print(
+            f"model: random LLaMA {args.layers} layers x {args.hidden} wide, vocab {len(tokenizer)}; {args.rows} "
+            f"prompts of {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}); device {args.device}, "
+            f"{args.dtype}, torch threads {torch.get_num_threads()}"
+        )
+        # Warm up both paths (allocator, kernels) on a few rows.
+        deita_way(model, tokenizer, texts[:4], scorer.digit_ids, args.device)
+        score_conversations(rows[:8], config, progress=False, scorer=scorer)
+
+        start = time.perf_counter()
+        ours = score_conversations(rows, config, progress=False, scorer=scorer)
+        ours_s = time.perf_counter() - start
+        start = time.perf_counter()
+        theirs = deita_way(model, tokenizer, texts, scorer.digit_ids, args.device)
+        theirs_s = time.perf_counter() - start
+        ours_scores = [s[0] for s in ours.scores]
+        diff = float(np.max(np.abs(np.array(ours_scores) - np.array(theirs))))
+        print(f"deita way (generate per prompt): {theirs_s:8.2f} s  {args.rows / theirs_s:7.1f} rows/s")
+        print(
+            f"deita-hub (batch {args.batch_size}, sorted, head at last token): {ours_s:8.2f} s  "
+            f"{args.rows / ours_s:7.1f} rows/s"
+        )
+        if args.with_naive:
+            start = time.perf_counter()
+            naive = naive_left_padded(model, tokenizer, texts, scorer.digit_ids, args.device, args.batch_size)
+            naive_s = time.perf_counter() - start
+            naive_diff = float(np.max(np.abs(np.array(naive) - np.array(theirs))))
+            print(
+                f"naive left-padded full logits (batch {args.batch_size}): {naive_s:8.2f} s  "
+                f"{args.rows / naive_s:7.1f} rows/s  ratio vs deita way {theirs_s / naive_s:.2f}x  "
+                f"max |diff| {naive_diff:.2e}"
+            )
+        print(f"max |score difference| {diff:.2e} (must be <= 1e-4)")
+        print(f"speed-up over Deita's way: {theirs_s / ours_s:.2f}x")
+        if diff > 1e-4:
+            raise SystemExit("scores differ by more than 1e-4")
+
+
+if __name__ == "__main__":
+    main()

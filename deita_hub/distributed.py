@@ -1,0 +1,148 @@
+"""Scoring and embedding over a Ray cluster (extra `[ray]`): Ray Data `map_batches` over an actor pool.
+
+Each actor loads the model once and handles a batch of rows the way the local path does (length-sorted batches
+for transformers, one `generate`/`embed` call for vLLM), so results equal the local path's. Rows travel with
+their index and come back in any order; the driver puts them in place. Scoring results stream back to the
+driver as batches finish, so the caller's checkpoint keeps every finished row.
+
+`ray.init()` is called when Ray is not initialised yet: it joins the cluster named by RAY_ADDRESS, or starts
+a local one on this machine. On a cluster with GPUs each actor takes one GPU; otherwise one CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from deita_hub.errors import DeitaHubError, require
+
+log = logging.getLogger(__name__)
+
+
+def _ray():
+    ray = require("ray", "ray", "Scoring and embedding on Ray")
+    require("ray.data", "ray", "Scoring and embedding on Ray")
+    if not ray.is_initialized():
+        ray.init()
+    return ray
+
+
+def _actor_pool(ray, actors: int | None) -> tuple[Any, dict[str, float]]:
+    """(compute strategy, resources per actor): one actor per GPU when the cluster has GPUs, else one CPU actor."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    size = actors or max(gpus, 1)
+    resources = {"num_gpus": 1.0} if gpus else {"num_cpus": 1.0}
+    if gpus and size > gpus:
+        raise DeitaHubError(f"{size} Ray actors asked for, but the cluster has {gpus} GPU(s) (one per actor)")
+    return ray.data.ActorPoolStrategy(size=size), resources
+
+
+def _dataset(ray, conversations: Sequence[Any], rows: Sequence[int]):
+    items = [{"row": int(i), "conversation": json.dumps(conversations[i], ensure_ascii=False)} for i in rows]
+    return ray.data.from_items(items)
+
+
+def _with_metadata(rows: list[int], column: str, values: np.ndarray, metadata: dict) -> dict[str, np.ndarray]:
+    # The backend's metadata rides on the first row of each batch (empty elsewhere), not on every row.
+    meta = np.array([json.dumps(metadata)] + [""] * (len(rows) - 1), dtype=object)
+    return {"row": np.asarray(rows, dtype=np.int64), column: values, "meta": meta}
+
+
+class ScoreActor:
+    """One scorer model per actor; `__call__` scores a batch of rows and returns one record per row."""
+
+    def __init__(self, config):
+        from deita_hub.scoring import make_scorer
+
+        self.config = config
+        self.scorer = make_scorer(config)
+        self.metadata = self.scorer.metadata()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from deita_hub.scoring import score_rows
+
+        rows = [int(r) for r in batch["row"]]
+        items = [(row, json.loads(text)) for row, text in zip(rows, batch["conversation"], strict=True)]
+        finished: dict[int, dict] = {}
+        score_rows(
+            self.scorer, items, self.config, lambda records: finished.update((r["row"], r) for r in records)
+        )
+        records = np.array([json.dumps(finished[row]) for row in rows], dtype=object)
+        return _with_metadata(rows, "record", records, self.metadata)
+
+
+class EmbedActor:
+    """One embedder per actor; `__call__` embeds a batch of rows."""
+
+    def __init__(self, config):
+        from deita_hub.embedding import make_embedder
+
+        self.embedder = make_embedder(config)
+        self.metadata = self.embedder.metadata()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [int(r) for r in batch["row"]]
+        conversations = [json.loads(text) for text in batch["conversation"]]
+        vectors = np.asarray(self.embedder.encode(conversations), dtype=np.float32)
+        return _with_metadata(rows, "vector", vectors, self.metadata)
+
+
+def ray_score(
+    conversations: Sequence[Any],
+    rows: Sequence[int],
+    config,
+    *,
+    on_rows: Callable[[list[dict[str, Any]]], None],
+) -> dict[str, Any]:
+    """Score `rows` of `conversations` on Ray; `on_rows(records)` receives results as batches finish.
+
+    Returns the backend metadata reported by the actors.
+    """
+    ray = _ray()
+    compute, resources = _actor_pool(ray, config.ray_actors)
+    dataset = _dataset(ray, conversations, rows).map_batches(
+        ScoreActor,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.chunk_rows,
+        batch_format="numpy",
+        compute=compute,
+        **resources,
+    )
+    metadata: dict[str, Any] | None = None
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        on_rows([json.loads(text) for text in batch["record"]])
+        metadata = metadata or next((json.loads(m) for m in batch["meta"] if m), None)
+    return {**(metadata or {}), "ray": {"actors": compute.min_size, "resources_per_actor": resources}}
+
+
+def ray_embed(conversations: Sequence[Any], config) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embed every conversation on Ray: (float32 [n, dim] in input order, embedder metadata)."""
+    ray = _ray()
+    if not conversations:
+        raise DeitaHubError("nothing to embed: the pool is empty")
+    compute, resources = _actor_pool(ray, getattr(config, "ray_actors", None))
+    dataset = _dataset(ray, conversations, range(len(conversations))).map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.chunk_rows,
+        batch_format="numpy",
+        compute=compute,
+        **resources,
+    )
+    matrix: np.ndarray | None = None
+    filled = np.zeros(len(conversations), dtype=bool)
+    metadata: dict[str, Any] | None = None
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        vectors = np.stack(batch["vector"]) if batch["vector"].dtype == object else batch["vector"]
+        if matrix is None:
+            matrix = np.empty((len(conversations), vectors.shape[1]), dtype=np.float32)
+        matrix[batch["row"]] = vectors
+        filled[batch["row"]] = True
+        metadata = metadata or next((json.loads(m) for m in batch["meta"] if m), None)
+    if matrix is None or not filled.all():
+        raise DeitaHubError(f"Ray returned embeddings for {int(filled.sum())} of {len(conversations)} rows")
+    return matrix, {**(metadata or {}), "ray": {"actors": compute.min_size, "resources_per_actor": resources}}

@@ -1,0 +1,218 @@
+"""Recipe -> Hub-layout folder -> datasets.load_dataset, for every config; atomic writes; bad recipes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from deita_hub.dataset import build
+from deita_hub.errors import DeitaHubError
+from deita_hub.recipes import load_recipe
+from tests.test_selection import reference_select
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_pool(tmp_path, n=120, seed=0, dim=24):
+    """A ShareGPT pool with per-turn scores and aligned random clustered embeddings."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        turns = int(rng.integers(1, 3))
+        conv = []
+        for t in range(turns):
+            conv += [{"from": "human", "value": f"q{i}.{t} " + "x" * int(rng.integers(1, 40))},
+                     {"from": "gpt", "value": f"a{i}.{t} " + "y" * int(rng.integers(1, 200))}]
+        rows.append({"id": f"row-{i}", "conversations": conv, "source": "test",
+                     "complexity_scores": [float(rng.integers(1, 6)) for _ in range(turns)],
+                     "quality_scores": [float(rng.integers(1, 6)) for _ in range(turns)]})
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    centers = rng.normal(size=(5, dim))
+    emb = (centers[rng.integers(0, 5, n)] + rng.normal(scale=0.6, size=(n, dim))).astype(np.float32)
+    np.save(tmp_path / "emb.npy", emb)
+    return rows, emb
+
+
+def write_recipe(tmp_path, **overrides):
+    recipe = {
+        "name": "test-set",
+        "pool": {"sources": ["pool.jsonl"]},
+        "embedding": {"path": "emb.npy"},
+        "selection": {"max_similarity": 0.9},
+        "configs": [
+            {"name": "small", "method": "deita", "budget": 20},
+            {"name": "big", "method": "deita", "budget": 50, "default": True},
+            {"name": "random-50", "method": "random", "budget": 50, "seed": 3},
+            {"name": "score-50", "method": "score", "budget": 50},
+            {"name": "longest-50", "method": "longest", "budget": 50},
+        ],
+        "card": {"license": "mit", "pretty_name": "Test set"},
+        **overrides,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def load_in_fresh_process(folder, config):
+    code = (
+        "import datasets, json, sys; ds = datasets.load_dataset(sys.argv[1], sys.argv[2], split='train'); "
+        "print(json.dumps({'names': datasets.get_dataset_config_names(sys.argv[1]), 'rows': ds.to_list()}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(folder), config], capture_output=True, text=True,
+                         check=True, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                          "PATH": "/usr/bin:/bin", "HOME": str(folder.parent)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_build_round_trips_every_config(tmp_path):
+    rows, emb = make_pool(tmp_path)
+    out = tmp_path / "built"
+    result = build(write_recipe(tmp_path), out, cache_dir=tmp_path / "cache", progress=False)
+    scores = np.array([np.dot(r["complexity_scores"], r["quality_scores"]) for r in rows])
+    expected = {
+        "small": reference_select(emb, scores, 20, 0.9),
+        "big": reference_select(emb, scores, 50, 0.9),
+        "score-50": sorted(range(len(rows)), key=lambda i: (-scores[i], i))[:50],
+        "random-50": np.random.default_rng(3).permutation(len(rows))[:50].tolist(),
+    }
+    lengths = [sum(len(t["value"]) for t in r["conversations"] if t["from"] == "gpt") for r in rows]
+    expected["longest-50"] = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))[:50]
+    for config, positions in expected.items():
+        loaded = load_in_fresh_process(out, config)
+        assert loaded["names"] == ["small", "big", "random-50", "score-50", "longest-50"]
+        got = loaded["rows"]
+        assert [r["id"] for r in got] == [rows[i]["id"] for i in positions], config
+        assert [r["pool_row"] for r in got] == positions
+        assert [r["selection_rank"] for r in got] == list(range(len(positions)))
+        assert got[0]["conversations"] == rows[positions[0]]["conversations"]
+        assert got[0]["complexity_scores"] == rows[positions[0]]["complexity_scores"]
+        if config != "random-50" and config != "longest-50":
+            assert [r["evol_score"] for r in got] == pytest.approx([scores[i] for i in positions])
+    big = load_in_fresh_process(out, "big")["rows"]
+    assert big[0]["nearest_selected_row"] is None and big[0]["nearest_selected_similarity"] is None
+    assert all(r["nearest_selected_similarity"] <= 0.9 for r in big[1:])
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == sorted(
+        f"{c}/train-00000-of-00001.parquet" for c in expected
+    )
+    record = json.loads((out / "deita_build.json").read_text())
+    assert record == result.record | {"recipe": record["recipe"]} and record["pool"]["num_valid_rows"] == 120
+    assert str(tmp_path) not in (out / "deita_build.json").read_text()  # no absolute paths in provenance
+    card = (out / "README.md").read_text()
+    assert "config_name: big\n  default: true" in card and "num_examples: 50" in card
+    assert "![Score distributions" in card and (out / "assets" / "scores.png").stat().st_size > 1000
+    assert record["pool"]["fingerprint"] in card
+
+
+def test_rebuild_is_byte_identical_and_needs_overwrite(tmp_path):
+    make_pool(tmp_path)
+    recipe = write_recipe(tmp_path)
+    build(recipe, tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
+    build(recipe, tmp_path / "b", cache_dir=tmp_path / "cache", progress=False)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    with pytest.raises(DeitaHubError, match="exists and is not empty"):
+        build(recipe, tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
+    build(recipe, tmp_path / "a", overwrite=True, cache_dir=tmp_path / "cache", progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    import deita_hub.dataset as dataset
+
+    make_pool(tmp_path)
+    recipe = write_recipe(tmp_path)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "_render_card", boom)  # dies after the parquet files are written
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_skipped_invalid_rows_are_written_and_counted(tmp_path):
+    rows, _ = make_pool(tmp_path)
+    broken = list(rows)
+    broken[7] = {**rows[7], "conversations": [{"from": "human", "value": "unanswered"}]}
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in broken))
+    np.save(tmp_path / "emb.npy", np.load(tmp_path / "emb.npy")[np.arange(120) != 7])
+    recipe = write_recipe(tmp_path, pool={"sources": ["pool.jsonl"], "on_invalid": "skip"})
+    out = tmp_path / "out"
+    build(recipe, out, cache_dir=tmp_path / "cache", progress=False)
+    invalid = [json.loads(line) for line in (out / "invalid_rows.jsonl").read_text().splitlines()]
+    assert invalid == [{"row": 7, "field": "conversations[0]", "reason": invalid[0]["reason"], "source": "pool.jsonl"}]
+    assert "1 invalid rows skipped" in (out / "README.md").read_text()
+    pool_rows = load_in_fresh_process(out, "score-50")["rows"]
+    assert 7 not in [r["pool_row"] for r in pool_rows]
+
+
+def test_alpaca_pool_gains_sharegpt_conversations(tmp_path):
+    rows = [{"instruction": f"do {i}", "input": "", "response": "done " * (i + 1)} for i in range(30)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows))
+    recipe = {"name": "a", "pool": {"sources": ["alpaca.json"]},
+              "configs": [{"name": "longest-5", "method": "longest", "budget": 5}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    build(tmp_path / "r.yaml", tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    got = load_in_fresh_process(tmp_path / "out", "longest-5")["rows"]
+    assert [r["instruction"] for r in got] == [f"do {i}" for i in (29, 28, 27, 26, 25)]
+    assert got[0]["conversations"] == [{"from": "human", "value": "do 29"}, {"from": "gpt", "value": rows[29]["response"]}]
+    assert got[0]["evol_score"] is None
+
+
+def test_missing_scores_are_an_error_naming_rows(tmp_path):
+    rows, _ = make_pool(tmp_path)
+    for r in rows[3:6]:
+        del r["quality_scores"]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DeitaHubError, match=r"3 row\(s\) have no 'quality_scores' \(rows 3, 4, 5\)"):
+        build(write_recipe(tmp_path), tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_misaligned_embeddings_are_an_error(tmp_path):
+    make_pool(tmp_path)
+    np.save(tmp_path / "emb.npy", np.ones((10, 4), dtype=np.float32))
+    with pytest.raises(DeitaHubError, match="10 embedding rows but the pool has 120"):
+        build(write_recipe(tmp_path), tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    np.save(tmp_path / "emb.npy", np.ones((120, 4), dtype=np.int32))
+    with pytest.raises(DeitaHubError, match="expected float32 or float16"):
+        build(write_recipe(tmp_path), tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": "red"}, "unknown top-level key"),
+        ({"name": ""}, "'name'"),
+        ({"configs": []}, "'configs' must be a non-empty list"),
+        ({"configs": [{"name": "a b", "budget": 5}]}, "config name 'a b'"),
+        ({"configs": [{"name": "a", "budget": 5}, {"name": "a", "budget": 6}]}, "duplicate config name"),
+        ({"configs": [{"name": "a", "budget": 5, "default": True}, {"name": "b", "budget": 6, "default": True}]},
+         "only one config may be the default"),
+        ({"configs": [{"name": "a", "budget": -1}]}, "configs\\[0\\]: budget"),
+        ({"configs": [{"name": "a", "budget": 5, "topk": 3}]}, "configs\\[0\\]: unknown key"),
+        ({"pool": {"sources": ["pool.jsonl"], "format": {"format": "xml"}}}, "unknown pool format"),
+        ({"pool": {"sources": ["pool.jsonl"], "shuffle": True}}, "pool: unknown key"),
+        ({"pool": {}}, "either 'sources' or 'generate: demo'"),
+        ({"embedding": {"method": "tfidf"}}, "embedding: embedding method"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, change, message):
+    make_pool(tmp_path)
+    with pytest.raises(DeitaHubError, match=message):
+        load_recipe(write_recipe(tmp_path, **change))
+
+
+def test_packaged_recipes_parse():
+    for path in sorted((ROOT / "dataset_scripts").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe.subsets and sum(s.default for s in recipe.subsets) == 1

@@ -1,0 +1,168 @@
+"""Blockwise selection equals a plain one-at-a-time loop, exactly; baselines; budget prefixes; scores."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deita_hub.errors import DeitaHubError
+from deita_hub.selection import SelectionConfig, deita_select, evol_scores, select
+
+
+def reference_select(embeddings, scores, budget, max_similarity):
+    """The specification, literally: stable descending order, one candidate at a time, strict '>'."""
+    unit = embeddings.astype(np.float32)
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True).astype(np.float32)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    chosen = []
+    for i in order:
+        if len(chosen) == budget:
+            break
+        if any(float(unit[j].astype(np.float64) @ unit[i].astype(np.float64)) > max_similarity for j in chosen):
+            continue
+        chosen.append(i)
+    return chosen
+
+
+def clustered(rng, n, dim, clusters=6, noise=0.25, dup=0.1):
+    centers = rng.normal(size=(clusters, dim))
+    data = centers[rng.integers(0, clusters, n)] + rng.normal(scale=noise, size=(n, dim))
+    copies = rng.integers(0, n, int(n * dup))
+    data[rng.integers(0, n, len(copies))] = data[copies]  # exact duplicates: similarity 1
+    return data.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_blockwise_equals_reference_on_random_data_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n, dim = int(rng.integers(60, 250)), int(rng.integers(2, 24))
+    emb = clustered(rng, n, dim)
+    scores = rng.integers(0, 4, n).astype(np.float64)  # many ties
+    max_similarity = float(rng.choice([0.3, 0.7, 0.9, 0.97]))
+    budget = int(rng.integers(1, n))
+    expected = reference_select(emb, scores, budget, max_similarity)
+    for block_size, precisions in ((1, ("fp32",)), (5, ("fp32", "bf16")), (64, ("fp32", "fp16", "bf16")), (1024, ("fp32",))):
+        for precision in precisions:
+            config = SelectionConfig(budget=budget, max_similarity=max_similarity, block_size=block_size,
+                                     precision=precision)
+            got = deita_select(emb, scores, config)
+            assert got.positions.tolist() == expected, (block_size, precision)
+
+
+def test_similarity_exactly_at_the_threshold_is_kept():
+    rng = np.random.default_rng(7)
+    emb = clustered(rng, 300, 8, noise=0.15)
+    scores = rng.random(300)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True).astype(np.float32)
+    # Thresholds equal to real pair similarities: those pairs sit exactly on the threshold (not rejected, '>').
+    sims = unit[:40].astype(np.float64) @ unit[:40].astype(np.float64).T
+    for max_similarity in (float(sims[0, 1]), float(sims[2, 3]), float(sims[5, 9]), float(sims[0, 0])):
+        expected = reference_select(emb, scores, 200, max_similarity)
+        for block_size in (3, 256):
+            got = deita_select(emb, scores, SelectionConfig(budget=200, max_similarity=max_similarity,
+                                                            block_size=block_size, precision="bf16"))
+            assert got.positions.tolist() == expected
+
+
+def test_budget_prefix_property_and_audit_columns():
+    rng = np.random.default_rng(3)
+    emb = clustered(rng, 500, 16)
+    scores = rng.random(500)
+    big = deita_select(emb, scores, SelectionConfig(budget=300, max_similarity=0.8, block_size=37))
+    small = deita_select(emb, scores, SelectionConfig(budget=120, max_similarity=0.8, block_size=200))
+    assert small.positions.tolist() == big.positions[:120].tolist()
+    assert big.prefix(120).positions.tolist() == small.positions.tolist()
+    assert big.prefix(120).scanned == small.scanned
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    assert big.nearest[0] == -1 and np.isnan(big.nearest_similarity[0])
+    for k in range(1, len(big)):  # nearest earlier-selected neighbour and its similarity
+        earlier = big.positions[:k]
+        sims = unit[earlier] @ unit[big.positions[k]]
+        assert big.nearest[k] == earlier[int(np.argmax(sims))]
+        assert big.nearest_similarity[k] == pytest.approx(float(sims.max()), abs=1e-6)
+        assert big.nearest_similarity[k] <= 0.8
+
+
+def test_budget_not_met_scans_everything():
+    emb = np.ones((50, 4), dtype=np.float32)  # all identical: only the first survives
+    got = deita_select(emb, np.arange(50.0), SelectionConfig(budget=10, max_similarity=0.9))
+    assert got.positions.tolist() == [49] and got.scanned == 50 and got.stats["rejected"] == 49
+
+
+def test_float16_memmap_input(tmp_path):
+    rng = np.random.default_rng(11)
+    emb = clustered(rng, 256, 12).astype(np.float16)
+    path = tmp_path / "e.npy"
+    np.save(path, emb)
+    mapped = np.load(path, mmap_mode="r")
+    scores = rng.random(256)
+    got = deita_select(mapped, scores, SelectionConfig(budget=100, max_similarity=0.85, block_size=50))
+    assert got.positions.tolist() == reference_select(emb, scores, 100, 0.85)
+
+
+def test_zero_vector_is_an_error():
+    emb = np.eye(4, dtype=np.float32)
+    emb[2] = 0
+    with pytest.raises(DeitaHubError, match="embedding row 2 is zero"):
+        deita_select(emb, np.arange(4.0), SelectionConfig(budget=4))
+
+
+def test_baselines():
+    scores = np.array([1.0, 3.0, 3.0, 2.0, 0.5])
+    lengths = np.array([10, 50, 5, 50, 7])
+    score = select(SelectionConfig(method="score", budget=3), num_rows=5, scores=scores)
+    assert score.positions.tolist() == [1, 2, 3]  # tie 1/2 broken by row index
+    longest = select(SelectionConfig(method="longest", budget=3), num_rows=5, response_lengths=lengths)
+    assert longest.positions.tolist() == [1, 3, 0]
+    r1 = select(SelectionConfig(method="random", budget=3, seed=1), num_rows=5)
+    r2 = select(SelectionConfig(method="random", budget=3, seed=1), num_rows=5)
+    r3 = select(SelectionConfig(method="random", budget=3, seed=2), num_rows=100)
+    assert r1.positions.tolist() == r2.positions.tolist() and len(set(r1.positions.tolist())) == 3
+    assert len(r3) == 3
+    with pytest.raises(DeitaHubError, match="needs scores"):
+        select(SelectionConfig(method="score", budget=3), num_rows=5)
+    with pytest.raises(DeitaHubError, match="needs embeddings"):
+        select(SelectionConfig(budget=3), num_rows=5, scores=scores)
+
+
+def test_evol_score_is_sum_of_per_turn_products():
+    scores = evol_scores([[2.0, 3.0], 4.0, [1.5]], [[5.0, 1.0], 2.0, [2.0]])
+    assert scores.tolist() == [13.0, 8.0, 3.0]
+    with pytest.raises(DeitaHubError, match="row 0: 2 complexity score"):
+        evol_scores([[1.0, 2.0]], [[1.0]])
+    with pytest.raises(DeitaHubError, match="row 1, field 'quality_scores': missing score"):
+        evol_scores([1.0, 1.0], [1.0, None])
+    with pytest.raises(DeitaHubError, match="must be finite"):
+        evol_scores([float("nan")], [1.0])
+    with pytest.raises(DeitaHubError, match="must be numbers"):
+        evol_scores([["a"]], [[1.0]])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"budget": 0}, "budget"), ({"max_similarity": 1.5}, "max_similarity"), ({"method": "kmeans"}, "method"),
+     ({"precision": "int8"}, "precision")],
+)
+def test_bad_selection_config(kwargs, message):
+    with pytest.raises(DeitaHubError, match=message):
+        SelectionConfig(**kwargs)
+
+
+POOLS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pools"
+
+
+@pytest.mark.skipif(not POOLS.is_dir(), reason=f"shared pools not found at {POOLS}")
+def test_real_pool_embedded_with_minilm_matches_reference():
+    """FastChat's templated dummy conversations (near-duplicates) embedded with the packaged MiniLM."""
+    from deita_hub.embedding import EmbedConfig, SentenceEmbedder
+    from deita_hub.pool import read_pool
+
+    pool = read_pool(POOLS / "fastchat-dummy-conversation.json")
+    conversations = pool.conversations[:120]
+    emb = SentenceEmbedder(EmbedConfig(max_length=48)).encode(conversations)
+    scores = np.array([float(len(c)) for c in conversations])  # deterministic synthetic scores: turn count
+    for max_similarity in (0.8, 0.9, 0.95):
+        expected = reference_select(emb, scores, 100, max_similarity)
+        got = deita_select(emb, scores, SelectionConfig(budget=100, max_similarity=max_similarity, block_size=32))
+        assert got.positions.tolist() == expected
+    assert len(reference_select(emb, scores, 100, 0.8)) < 100  # templated near-duplicates are rejected
