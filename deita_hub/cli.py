@@ -268,6 +268,7 @@ def push(folder, repo_id, repo_type, tag, private, revision, message, delete_mis
     if logging.getLogger().level > logging.DEBUG:  # one line per HTTP request is noise unless --verbose
         for name in ("httpx", "httpx2"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("huggingface_hub").propagate = False  # it has its own handler: no doubled lines
     result = push_folder(
         folder,
         repo_id,

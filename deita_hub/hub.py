@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -157,26 +158,46 @@ def _huggingface_hub():
     return huggingface_hub
 
 
+_TIMEOUT_LOCK = threading.Lock()
+_timeout_state = {"users": 0, "saved": None}
+
+
 @contextmanager
 def _http_timeout(seconds: float):
-    """Give huggingface_hub's shared HTTP client a timeout (it has none) for the duration of a push.
+    """Give huggingface_hub's shared HTTP client a timeout (it has none) while pushes run.
 
-    Without it a stalled commit request hangs forever instead of failing and being retried.
+    Without it a stalled commit request hangs forever instead of failing and being retried. The client factory is
+    swapped when the first concurrent push starts and restored when the last one ends (pushes may run in
+    background threads during training), so no push has its client closed under it; the first push's timeout
+    applies to all of them.
     """
     from huggingface_hub.utils import _http as hf_http
 
-    previous = getattr(hf_http, "_GLOBAL_CLIENT_FACTORY", hf_http.default_client_factory)
+    with _TIMEOUT_LOCK:
+        if _timeout_state["users"] == 0:
+            previous = getattr(hf_http, "_GLOBAL_CLIENT_FACTORY", hf_http.default_client_factory)
 
-    def factory():
-        client = previous()
-        client.timeout = seconds  # httpx turns a number into Timeout(connect=read=write=pool=seconds)
-        return client
+            def factory():
+                client = previous()
+                client.timeout = seconds  # httpx makes it Timeout(connect=read=write=pool=seconds)
+                return client
 
-    hf_http.set_client_factory(factory)
+            _timeout_state["saved"] = previous
+            hf_http.set_client_factory(factory)
+        _timeout_state["users"] += 1
     try:
         yield
     finally:
-        hf_http.set_client_factory(previous)
+        with _TIMEOUT_LOCK:
+            _timeout_state["users"] -= 1
+            if _timeout_state["users"] == 0:
+                hf_http.set_client_factory(_timeout_state["saved"])
+
+
+def _api(hf):
+    """An HfApi for the endpoint in the environment *now*: huggingface_hub reads HF_ENDPOINT once, at import."""
+    endpoint = os.environ.get("HF_ENDPOINT") or hf.constants.ENDPOINT
+    return hf.HfApi(endpoint=endpoint.rstrip("/"))
 
 
 def _token() -> str:
@@ -227,19 +248,18 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 def _describe(exc: BaseException, token: str | None) -> str:
-    """One scrubbed line: the error's first line plus the server's message when it has one."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    if text.endswith(("Client Error.", "Server Error.")) and len(lines) > 1:
-        text = f"{text} {lines[1]}"
-    server_message = getattr(exc, "server_message", None)
-    if server_message and server_message not in text:
-        text = f"{text} ({server_message.strip()})"
-    return _scrub(f"{type(exc).__name__}: {text}" if lines else text, token)
+    """The error as one scrubbed line: its type and message, whitespace collapsed, at most ~400 characters."""
+    text = re.sub(r"\s*For more information check: \S+", "", str(exc))  # httpx's generic MDN link
+    text = " ".join(text.split()) or "(no message)"
+    if len(text) > 400:
+        text = text[:400] + "..."
+    return _scrub(f"{type(exc).__name__}: {text}", token)
 
 
-def _fail(exc: BaseException, what: str, token: str | None, *, after: str = "") -> DeitaHubError:
-    """A DeitaHubError for a failed Hub call, naming what to do for auth problems."""
+def _fail(
+    exc: BaseException, what: str, token: str | None, *, after: str = "", hint: str = ""
+) -> DeitaHubError:
+    """A DeitaHubError for a failed Hub call, naming what to do for auth problems; `hint` goes last."""
     status = _status(exc)
     if status == 401:
         message = (
@@ -250,7 +270,7 @@ def _fail(exc: BaseException, what: str, token: str | None, *, after: str = "") 
         message = f"{what}: this token may not write there (403); use a write token for that namespace."
     else:
         message = f"{what}{after}: {_describe(exc, token)}"
-    return DeitaHubError(_scrub(message, token))
+    return DeitaHubError(_scrub(message + hint, token))
 
 
 def _retrying(what: str, call, policy: RetryPolicy, token: str):
@@ -285,7 +305,7 @@ def check_token() -> str:
     """
     token = _token()
     policy = RetryPolicy.from_env()
-    api = _huggingface_hub().HfApi()
+    api = _api(_huggingface_hub())
     with _http_timeout(policy.timeout):
         info = _retrying("checking the Hugging Face token", lambda: api.whoami(token=token), policy, token)
     return info["name"]
@@ -436,14 +456,13 @@ def push_folder(
     policy = retries or RetryPolicy.from_env()
     token = _token()
     hf = _huggingface_hub()
-    api = hf.HfApi()
+    api = _api(hf)
     prefix = "" if repo_type == "model" else f"{repo_type}s/"
     url = f"{api.endpoint.rstrip('/')}/{prefix}{repo_id}"
 
     with _http_timeout(policy.timeout):
-        user = _retrying("checking the Hugging Face token", lambda: api.whoami(token=token), policy, token)[
-            "name"
-        ]
+        whoami = _retrying("checking the Hugging Face token", lambda: api.whoami(token=token), policy, token)
+        user = whoami["name"]
         logger.info("pushing %d files from %s to %s (%s) as %s", len(files), folder, repo_id, repo_type, user)
         _retrying(
             f"creating {repo_type} repo {repo_id}",
@@ -636,7 +655,7 @@ def _ensure_tag(api, repo_id, repo_type, tag, commit, policy, token, *, committe
         return _tag_target(api, repo_id, repo_type, tag, token)
 
     note = (
-        f"; the commit {commit[:12]} is on the branch untagged: run the same push again to add the tag"
+        f". The commit {commit[:12]} is on the branch, untagged: run the same push again to add the tag."
         if committed
         else ""
     )
@@ -647,7 +666,8 @@ def _ensure_tag(api, repo_id, repo_type, tag, commit, policy, token, *, committe
         if target is not None:
             raise DeitaHubError(
                 f"{repo_id}: tag {tag} already points at {target[:12]}, not at the pushed commit {commit[:12]}; "
-                f"released tags are not moved, choose a new tag{note}"
+                "released tags are not moved: choose a new tag"
+                + (" (the pushed commit is on the branch, untagged)." if committed else ".")
             )
         try:
             api.create_tag(repo_id, tag=tag, revision=commit, repo_type=repo_type, token=token)
@@ -659,10 +679,14 @@ def _ensure_tag(api, repo_id, repo_type, tag, commit, policy, token, *, committe
                 continue  # created by a lost earlier try, or by someone else: the next loop tells which
             wait = policy.wait(attempt, _retry_after(exc))
             if not _is_transient(exc):
-                raise _fail(exc, f"tagging {repo_id} {tag}", token, after=note) from exc
+                raise _fail(exc, f"tagging {repo_id} {tag}", token, hint=note) from exc
             if attempt == policy.attempts or wait > policy.max_retry_after:
                 raise _fail(
-                    exc, f"tagging {repo_id} {tag}", token, after=f" (gave up after {attempt} tries){note}"
+                    exc,
+                    f"tagging {repo_id} {tag}",
+                    token,
+                    after=f" (gave up after {attempt} tries)",
+                    hint=note,
                 ) from exc
             logger.warning("tagging %s failed (%s); retry in %.1fs", repo_id, _describe(exc, token), wait)
             time.sleep(wait)

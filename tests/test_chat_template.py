@@ -48,7 +48,10 @@ def reference_mask(tokenizer, turns, max_length=None):
     """Token ids and supervised-token mask from the Python renderer's text and character spans."""
     bos = tokenizer.bos_token
     text = bos + render_vicuna(turns, eos_token=tokenizer.eos_token)
-    spans = [(start + len(bos), end + len(bos)) for start, end in assistant_spans(turns, eos_token=tokenizer.eos_token)]
+    spans = [
+        (start + len(bos), end + len(bos))
+        for start, end in assistant_spans(turns, eos_token=tokenizer.eos_token)
+    ]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s < end and e > start for start, end in spans)) for s, e in encoded["offset_mapping"]]
     ids = encoded["input_ids"]
@@ -67,7 +70,9 @@ def test_generation_prompt_is_byte_exact_seed_card_example(tokenizer):
     assert text == "<s>" + SEED_CARD_EXAMPLE
     assert render_vicuna(messages, add_generation_prompt=True) == SEED_CARD_EXAMPLE
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-    assert ids["input_ids"][0] == tokenizer.bos_token_id and ids["input_ids"].count(tokenizer.bos_token_id) == 1
+    assert (
+        ids["input_ids"][0] == tokenizer.bos_token_id and ids["input_ids"].count(tokenizer.bos_token_id) == 1
+    )
 
 
 def test_system_turn_replaces_default_system_prompt(tokenizer):
@@ -107,7 +112,10 @@ def _write_pool(path, conversations):
     names = {"user": "human", "assistant": "gpt", "system": "system"}
     with open(path, "w", encoding="utf-8") as handle:
         for i, turns in enumerate(conversations):
-            row = {"id": str(i), "conversations": [{"from": names[t["role"]], "value": t["content"]} for t in turns]}
+            row = {
+                "id": str(i),
+                "conversations": [{"from": names[t["role"]], "value": t["content"]} for t in turns],
+            }
             handle.write(json.dumps(row) + "\n")
     return path
 

@@ -56,7 +56,9 @@ def test_qlora_config_is_nf4_double_quant_bf16_all_linear():
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("method: lora\nlearning_rat: 1.0e-4\n")
-    with pytest.raises(DeitaHubError, match=r"unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(
+        DeitaHubError, match=r"unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"
+    ):
         load_config(path)
     with pytest.raises(DeitaHubError, match="unknown config key 'lora_rank'"):
         load_config(None, {"lora_rank": 8})
@@ -80,7 +82,9 @@ def test_values_are_type_checked_and_coerced(tmp_path):
 
 def test_batch_arithmetic_must_be_whole():
     config = TrainConfig(per_device_train_batch_size=3, total_train_batch_size=512)
-    with pytest.raises(DeitaHubError, match=r"not a multiple of devices \(2\) x per_device_train_batch_size \(3\)"):
+    with pytest.raises(
+        DeitaHubError, match=r"not a multiple of devices \(2\) x per_device_train_batch_size \(3\)"
+    ):
         config.gradient_accumulation_steps(2)
     assert TrainConfig(per_device_train_batch_size=4).gradient_accumulation_steps(2) == 64
 
@@ -89,7 +93,9 @@ def test_gpu_only_options_fail_on_cpu_with_what_to_change():
     with pytest.raises(DeitaHubError, match="bf16: true needs a CUDA GPU"):
         check_environment(TrainConfig(bf16=True), cuda_available=False)
     with pytest.raises(DeitaHubError, match="flash_attention_2 needs a CUDA GPU"):
-        check_environment(TrainConfig(bf16=False, attn_implementation="flash_attention_2"), cuda_available=False)
+        check_environment(
+            TrainConfig(bf16=False, attn_implementation="flash_attention_2"), cuda_available=False
+        )
     # QLoRA itself runs on CPU (bitsandbytes CPU kernels), so it is allowed
     check_environment(TrainConfig(method="qlora", bf16=False), cuda_available=False)
     check_environment(TrainConfig(bf16=True), cuda_available=True)
@@ -110,7 +116,11 @@ def test_cli_reports_bad_configs_before_loading_anything(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: lora\nper_device_batch: 2\n")
     run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "deita_hub", "train", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60
+        [sys.executable, "-m", "deita_hub", "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
     )
     result = run(str(bad))
     assert result.returncode == 1

@@ -563,10 +563,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return 0
         if fault.status is not None:
-            headers = {"X-Error-Message": f"injected fault on {fault.endpoint}"}
+            message = f"injected fault on {fault.endpoint} ({fault.status})"
+            headers = {"X-Error-Message": message}
             if fault.retry_after is not None:
                 headers["Retry-After"] = f"{fault.retry_after:g}"
-            self._send(_json({"error": f"injected fault ({fault.status})"}, fault.status, headers))
+            self._send(_json({"error": message}, fault.status, headers))
             return fault.status
         if response is not None:  # delay after applying: answer late (the client may have given up)
             self._send(response)

@@ -1,0 +1,31 @@
+"""Shared helpers for the benchmarks: clustered embedding matrices written straight to .npy, peak RSS."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import numpy as np
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def clustered_embeddings(path, rows: int, dim: int, clusters: int, noise: float, seed: int = 0, chunk: int = 16384):
+    """Rows = a random cluster centre + Gaussian noise, written chunk by chunk (never all in memory).
+
+    Members of one cluster have cosine ~1/(1+noise^2) to each other: noise 0.3 -> ~0.92, so at max_similarity 0.9
+    each cluster contributes one row, and fewer rows than a large budget survive (a full scan).
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        members = rng.integers(0, clusters, stop - start)
+        out[start:stop] = centres[members] + rng.normal(scale=noise, size=(stop - start, dim)).astype(np.float32)
+    out.flush()
+    del out
