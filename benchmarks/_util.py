@@ -14,7 +14,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def clustered_embeddings(path, rows: int, dim: int, clusters: int, noise: float, seed: int = 0, chunk: int = 16384):
+def clustered_embeddings(
+    path, rows: int, dim: int, clusters: int, noise: float, seed: int = 0, chunk: int = 16384
+):
     """Rows = a random cluster centre + Gaussian noise, written chunk by chunk (never all in memory).
 
     Members of one cluster have cosine ~1/(1+noise^2) to each other: noise 0.3 -> ~0.92, so at max_similarity 0.9
@@ -26,6 +28,8 @@ def clustered_embeddings(path, rows: int, dim: int, clusters: int, noise: float,
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         members = rng.integers(0, clusters, stop - start)
-        out[start:stop] = centres[members] + rng.normal(scale=noise, size=(stop - start, dim)).astype(np.float32)
+        out[start:stop] = centres[members] + rng.normal(scale=noise, size=(stop - start, dim)).astype(
+            np.float32
+        )
     out.flush()
     del out

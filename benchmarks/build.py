@@ -46,12 +46,18 @@ def write_pool(folder: Path, rows: int, dim: int, clusters: int) -> None:
             turns = 1 + int(rng.random() < 0.3)
             conv, c, q = [], [], []
             for t in range(turns):
-                conv += [{"from": "human", "value": f"Question {i}.{t}: " + "word " * int(rng.integers(5, 60))},
-                         {"from": "gpt", "value": f"Answer {i}.{t}: " + "token " * int(rng.integers(20, 300))}]
+                conv += [
+                    {"from": "human", "value": f"Question {i}.{t}: " + "word " * int(rng.integers(5, 60))},
+                    {"from": "gpt", "value": f"Answer {i}.{t}: " + "token " * int(rng.integers(20, 300))},
+                ]
                 c.append(round(float(rng.uniform(1, 6)), 3))
                 q.append(round(float(rng.uniform(1, 6)), 3))
-            handle.write(json.dumps({"id": f"r{i}", "conversations": conv, "complexity_scores": c,
-                                     "quality_scores": q}) + "\n")
+            handle.write(
+                json.dumps(
+                    {"id": f"r{i}", "conversations": conv, "complexity_scores": c, "quality_scores": q}
+                )
+                + "\n"
+            )
     clustered_embeddings(folder / "emb.npy", rows, dim, clusters=clusters, noise=0.3, seed=5)
     (folder / "recipe.yaml").write_text(RECIPE.format())
 
@@ -60,8 +66,9 @@ def child(folder: str) -> None:
     from deita_hub.dataset import build
 
     start = time.perf_counter()
-    result = build(Path(folder) / "recipe.yaml", Path(folder) / "out", cache_dir=Path(folder) / "cache",
-                   progress=False)
+    result = build(
+        Path(folder) / "recipe.yaml", Path(folder) / "out", cache_dir=Path(folder) / "cache", progress=False
+    )
     seconds = time.perf_counter() - start
     rows = {s["name"]: s["rows"] for s in result.record["subsets"]}
     print(json.dumps({"seconds": seconds, "peak_rss": peak_rss_bytes(), "rows": rows}))
@@ -70,15 +77,26 @@ def child(folder: str) -> None:
 def baseline(folder: str) -> None:
     start = time.perf_counter()
     matrix = np.load(Path(folder) / "emb.npy")
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": peak_rss_bytes(),
-                      "matrix_bytes": int(matrix.nbytes)}))
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - start,
+                "peak_rss": peak_rss_bytes(),
+                "matrix_bytes": int(matrix.nbytes),
+            }
+        )
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--clusters", type=int, default=8000, help="distinct directions: fewer than 10K forces a full scan")
+    parser.add_argument(
+        "--clusters", type=int, default=8000, help="distinct directions: fewer than 10K forces a full scan"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -89,21 +107,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         write_pool(Path(tmp), args.rows, args.dim, args.clusters)
-        print(f"wrote a {args.rows:,}-row pool and {args.rows:,} x {args.dim} float32 embeddings in "
-              f"{time.perf_counter() - start:.1f} s")
+        print(
+            f"wrote a {args.rows:,}-row pool and {args.rows:,} x {args.dim} float32 embeddings in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
 
         def run(flag):
-            out = subprocess.run([sys.executable, __file__, flag, tmp], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, flag, tmp], capture_output=True, text=True, check=True
+            )
             return json.loads(out.stdout.strip().splitlines()[-1])
 
         base = run("--baseline")
         ours = run("--child")
     matrix = base["matrix_bytes"]
-    print(f"[baseline] np.load of the matrix into RAM: peak RSS {base['peak_rss'] / 2**30:.2f} GiB "
-          f"({base['peak_rss'] / matrix:.2f}x the matrix)")
+    print(
+        f"[baseline] np.load of the matrix into RAM: peak RSS {base['peak_rss'] / 2**30:.2f} GiB "
+        f"({base['peak_rss'] / matrix:.2f}x the matrix)"
+    )
     print(f"[build]    {ours['seconds']:.1f} s (target <= 60 s); rows per config {ours['rows']}")
-    print(f"           peak RSS {ours['peak_rss'] / 2**30:.2f} GiB = {ours['peak_rss'] / matrix:.2f}x the matrix "
-          f"(target <= 1.5x); vs in-RAM baseline {ours['peak_rss'] / base['peak_rss']:.2f}x")
+    print(
+        f"           peak RSS {ours['peak_rss'] / 2**30:.2f} GiB = {ours['peak_rss'] / matrix:.2f}x the matrix "
+        f"(target <= 1.5x); vs in-RAM baseline {ours['peak_rss'] / base['peak_rss']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

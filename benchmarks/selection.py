@@ -60,8 +60,10 @@ def side_by_side(rows: int, dim: int, budget: int, max_similarity: float) -> Non
         theirs = deita_loop(embeddings, scores, budget, max_similarity)
         t_theirs = time.perf_counter() - start
     same = ours.positions.tolist() == theirs
-    print(f"[side by side] {rows:,} x {dim}, budget {budget:,}, max_similarity {max_similarity}: "
-          f"selected {len(ours):,} after scanning {ours.scanned:,}")
+    print(
+        f"[side by side] {rows:,} x {dim}, budget {budget:,}, max_similarity {max_similarity}: "
+        f"selected {len(ours):,} after scanning {ours.scanned:,}"
+    )
     print(f"  one-at-a-time (Deita): {t_theirs:8.2f} s")
     print(f"  blockwise (deita-hub): {t_ours:8.2f} s   identical ids: {same}")
     print(f"  speed-up: {t_theirs / t_ours:.1f}x")
@@ -75,8 +77,17 @@ def full_scan_child(path: str, budget: int, max_similarity: float) -> None:
     start = time.perf_counter()
     result = deita_select(embeddings, scores, SelectionConfig(budget=budget, max_similarity=max_similarity))
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "selected": len(result), "scanned": result.scanned,
-                      "peak_rss": peak_rss_bytes(), "matrix_bytes": int(embeddings.nbytes)}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "selected": len(result),
+                "scanned": result.scanned,
+                "peak_rss": peak_rss_bytes(),
+                "matrix_bytes": int(embeddings.nbytes),
+            }
+        )
+    )
 
 
 def full_scan(rows: int, dim: int, clusters: int, budget: int, max_similarity: float) -> None:
@@ -84,19 +95,40 @@ def full_scan(rows: int, dim: int, clusters: int, budget: int, max_similarity: f
         path = Path(tmp) / "emb.npy"
         start = time.perf_counter()
         clustered_embeddings(path, rows, dim, clusters=clusters, noise=0.3, seed=4)
-        print(f"[full scan] wrote {rows:,} x {dim} float32 ({rows * dim * 4 / 2**30:.2f} GiB) in "
-              f"{time.perf_counter() - start:.1f} s")
-        out = subprocess.run([sys.executable, __file__, "--child", str(path), "--budget", str(budget),
-                              "--max-similarity", str(max_similarity)], capture_output=True, text=True, check=True)
+        print(
+            f"[full scan] wrote {rows:,} x {dim} float32 ({rows * dim * 4 / 2**30:.2f} GiB) in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(path),
+                "--budget",
+                str(budget),
+                "--max-similarity",
+                str(max_similarity),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         stats = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  selected {stats['selected']:,} of budget {budget:,} (every row scanned: {stats['scanned'] == rows})")
+    print(
+        f"  selected {stats['selected']:,} of budget {budget:,} (every row scanned: {stats['scanned'] == rows})"
+    )
     print(f"  time: {stats['seconds']:.2f} s (target <= 30 s)")
-    print(f"  peak RSS: {stats['peak_rss'] / 2**30:.2f} GiB = {stats['peak_rss'] / stats['matrix_bytes']:.2f}x the "
-          "matrix (target <= 1.5x)")
+    print(
+        f"  peak RSS: {stats['peak_rss'] / 2**30:.2f} GiB = {stats['peak_rss'] / stats['matrix_bytes']:.2f}x the "
+        "matrix (target <= 1.5x)"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=6000)

@@ -332,7 +332,7 @@ def hyperparameter_list(record: dict) -> list[tuple[str, str]]:
 
 def _extra_settings(record: dict) -> list[tuple[str, str]]:
     hp = _field(record, "hyperparameters")
-    keys = ("max_length", "bf16", "packing", "assistant_only_loss")
+    keys = ("max_length", "bf16", "packing", "padding_free", "assistant_only_loss")
     return [("method", record["method"])] + [(k, _fmt(hp[k])) for k in keys if hp.get(k) is not None]
 
 

@@ -23,7 +23,9 @@ VICUNA_CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}"
-    "{%- set system_message = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}{%- set loop_messages = messages -%}"
+    "{%- set system_message = '"
+    + VICUNA_SYSTEM.replace("'", "\\'")
+    + "' -%}{%- set loop_messages = messages -%}"
     "{%- endif -%}"
     "{{- system_message + ' ' -}}"
     "{%- for message in loop_messages -%}"
@@ -39,7 +41,9 @@ VICUNA_CHAT_TEMPLATE = (
 )
 
 
-def render_vicuna(turns: list[dict[str, str]], *, eos_token: str = "</s>", add_generation_prompt: bool = False) -> str:
+def render_vicuna(
+    turns: list[dict[str, str]], *, eos_token: str = "</s>", add_generation_prompt: bool = False
+) -> str:
     """Reference renderer (no BOS): the text the Jinja template produces after its `bos_token`."""
     system = VICUNA_SYSTEM
     if turns and turns[0]["role"] == "system":

@@ -32,6 +32,10 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not verbose:  # one line per HTTP request is noise unless asked for
+        for name in ("httpx", "httpx2", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("huggingface_hub").propagate = False  # it has its own handler: no doubled lines
 
 
 def main() -> None:
@@ -43,7 +47,9 @@ def main() -> None:
 
 # --- pool / embed / select / build ---
 
-_POOL_HELP = "JSON, JSONL or parquet file, saved HF dataset folder, built deita-hub folder, or Hub dataset id."
+_POOL_HELP = (
+    "JSON, JSONL or parquet file, saved HF dataset folder, built deita-hub folder, or Hub dataset id."
+)
 
 
 def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -59,14 +65,33 @@ def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
 def pool_options(command):
     """Options every command that reads a pool shares (mirrors FormatSpec and read_pool)."""
     options = [
-        click.option("--format", "pool_format", default="auto", show_default=True,
-                     type=click.Choice(["auto", "sharegpt", "openai", "alpaca"]), help="Pool format."),
-        click.option("--field", "fields", multiple=True, metavar="NAME=COLUMN",
-                     help="Field mapping, e.g. output_field=response, conversations_field=turns (FormatSpec names)."),
-        click.option("--role-map", "role_map", multiple=True, metavar="ROLE=CANONICAL",
-                     help="Map extra roles, e.g. function_call=assistant, observation=user."),
-        click.option("--skip-invalid", is_flag=True,
-                     help="Skip invalid rows (written with reasons next to the output) instead of failing."),
+        click.option(
+            "--format",
+            "pool_format",
+            default="auto",
+            show_default=True,
+            type=click.Choice(["auto", "sharegpt", "openai", "alpaca"]),
+            help="Pool format.",
+        ),
+        click.option(
+            "--field",
+            "fields",
+            multiple=True,
+            metavar="NAME=COLUMN",
+            help="Field mapping, e.g. output_field=response, conversations_field=turns (FormatSpec names).",
+        ),
+        click.option(
+            "--role-map",
+            "role_map",
+            multiple=True,
+            metavar="ROLE=CANONICAL",
+            help="Map extra roles, e.g. function_call=assistant, observation=user.",
+        ),
+        click.option(
+            "--skip-invalid",
+            is_flag=True,
+            help="Skip invalid rows (written with reasons next to the output) instead of failing.",
+        ),
         click.option("--config", "hf_config", default=None, help="HF dataset sources: config name."),
         click.option("--split", default="train", show_default=True, help="HF dataset sources: split."),
     ]
@@ -80,11 +105,14 @@ def _read_pool_from_options(pool, pool_format, fields, role_map, skip_invalid, h
     from deita_hub.pool import read_pool
 
     try:
-        spec = FormatSpec(format=pool_format, role_map=_key_values(role_map, "--role-map"),
-                          **_key_values(fields, "--field"))
+        spec = FormatSpec(
+            format=pool_format, role_map=_key_values(role_map, "--role-map"), **_key_values(fields, "--field")
+        )
     except TypeError as exc:
         raise DeitaHubError(f"--field: {exc}") from None
-    return read_pool(pool, spec, on_invalid="skip" if skip_invalid else "error", config=hf_config, split=split)
+    return read_pool(
+        pool, spec, on_invalid="skip" if skip_invalid else "error", config=hf_config, split=split
+    )
 
 
 def _write_invalid(pool, out) -> None:
@@ -100,15 +128,26 @@ def _write_invalid(pool, out) -> None:
 
 @cli.command()
 @click.argument("pool")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npy (+ .npy.json metadata).")
-@click.option("--method", default="sentence", show_default=True, type=click.Choice(["sentence", "last-token"]),
-              help="sentence-transformers, or Deita's causal-LM last-token embedder.")
-@click.option("--model", default=None, help="Hub id or folder; default (sentence): packaged all-MiniLM-L6-v2.")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Output .npy (+ .npy.json metadata)."
+)
+@click.option(
+    "--method",
+    default="sentence",
+    show_default=True,
+    type=click.Choice(["sentence", "last-token"]),
+    help="sentence-transformers, or Deita's causal-LM last-token embedder.",
+)
+@click.option(
+    "--model", default=None, help="Hub id or folder; default (sentence): packaged all-MiniLM-L6-v2."
+)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--max-length", default=None, type=int, help="Tokens kept per row (beginning kept).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--dtype", default="auto", show_default=True, help="last-token weights dtype.")
-@click.option("--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"]))
+@click.option(
+    "--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"])
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
 @pool_options
 def embed(pool, out, method, model, batch_size, max_length, device, dtype, backend, use_ray, **pool_kwargs):
@@ -116,8 +155,16 @@ def embed(pool, out, method, model, batch_size, max_length, device, dtype, backe
     from deita_hub.embedding import EmbedConfig, embed_pool
 
     data = _read_pool_from_options(pool, **pool_kwargs)
-    config = EmbedConfig(method=method, model=model, batch_size=batch_size, max_length=max_length, device=device,
-                         dtype=dtype, backend=backend, use_ray=use_ray)
+    config = EmbedConfig(
+        method=method,
+        model=model,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        use_ray=use_ray,
+    )
     path, meta = embed_pool(data.conversations, out, config, pool_provenance=data.provenance())
     _write_invalid(data, out)
     click.echo(f"wrote {path}: {meta['num_rows']} x {meta['dim']} ({meta['model']})")
@@ -125,49 +172,104 @@ def embed(pool, out, method, model, batch_size, max_length, device, dtype, backe
 
 @cli.command("select")
 @click.argument("pool")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .jsonl, .json or .parquet.")
-@click.option("--embeddings", default=None, type=click.Path(dir_okay=False),
-              help="float32/float16 .npy whose rows align with the pool's valid rows (method deita).")
-@click.option("--method", default="deita", show_default=True, type=click.Choice(["deita", "random", "score", "longest"]))
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Output .jsonl, .json or .parquet."
+)
+@click.option(
+    "--embeddings",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="float32/float16 .npy whose rows align with the pool's valid rows (method deita).",
+)
+@click.option(
+    "--method", default="deita", show_default=True, type=click.Choice(["deita", "random", "score", "longest"])
+)
 @click.option("--budget", default=6000, show_default=True, type=int)
-@click.option("--max-similarity", default=0.9, show_default=True, type=float,
-              help="Reject a candidate whose cosine similarity to a selected row is > this.")
+@click.option(
+    "--max-similarity",
+    default=0.9,
+    show_default=True,
+    type=float,
+    help="Reject a candidate whose cosine similarity to a selected row is > this.",
+)
 @click.option("--seed", default=42, show_default=True, type=int, help="random: seed.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="Matrix products' precision; results are exact either way.")
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    help="Matrix products' precision; results are exact either way.",
+)
 @click.option("--block-size", default=2048, show_default=True, type=int)
-@click.option("--baselines", is_flag=True,
-              help="Also write random, score and longest selections of the same budget as OUT.<method>.<ext>.")
+@click.option(
+    "--baselines",
+    is_flag=True,
+    help="Also write random, score and longest selections of the same budget as OUT.<method>.<ext>.",
+)
 @click.option("--complexity-field", default="complexity_scores", show_default=True)
 @click.option("--quality-field", default="quality_scores", show_default=True)
 @pool_options
-def select_command(pool, out, embeddings, method, budget, max_similarity, seed, precision, block_size, baselines,
-                   complexity_field, quality_field, **pool_kwargs):
+def select_command(
+    pool,
+    out,
+    embeddings,
+    method,
+    budget,
+    max_similarity,
+    seed,
+    precision,
+    block_size,
+    baselines,
+    complexity_field,
+    quality_field,
+    **pool_kwargs,
+):
     """Select BUDGET rows of POOL: Deita's exact score-first, diversity-aware filter, or a baseline."""
     from pathlib import Path
 
-    from deita_hub.selection import SelectionConfig
     from deita_hub.dataset import run_select
+    from deita_hub.selection import SelectionConfig
 
     data = _read_pool_from_options(pool, **pool_kwargs)
-    config = SelectionConfig(method=method, budget=budget, max_similarity=max_similarity, seed=seed,
-                             precision=precision, block_size=block_size)
-    written = run_select(data, config, Path(out), embeddings=embeddings, baselines=baselines,
-                         complexity_field=complexity_field, quality_field=quality_field)
+    config = SelectionConfig(
+        method=method,
+        budget=budget,
+        max_similarity=max_similarity,
+        seed=seed,
+        precision=precision,
+        block_size=block_size,
+    )
+    written = run_select(
+        data,
+        config,
+        Path(out),
+        embeddings=embeddings,
+        baselines=baselines,
+        complexity_field=complexity_field,
+        quality_field=quality_field,
+    )
     _write_invalid(data, out)
     for path, selection in written:
         stats = selection.stats
-        click.echo(f"wrote {path}: {len(selection)} rows ({stats.get('method', method)}; scanned "
-                   f"{stats['scanned']}, rejected {stats['rejected']})")
+        click.echo(
+            f"wrote {path}: {len(selection)} rows ({stats.get('method', method)}; scanned "
+            f"{stats['scanned']}, rejected {stats['rejected']})"
+        )
 
 
 @cli.command()
 @click.argument("recipe")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (Hub layout).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="Embedding/pool cache (default $DEITA_HUB_CACHE or ~/.cache/deita-hub).")
-@click.option("--push", "push_repo", default=None, metavar="REPO_ID", help="Push the built folder to this Hub repo.")
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Embedding/pool cache (default $DEITA_HUB_CACHE or ~/.cache/deita-hub).",
+)
+@click.option(
+    "--push", "push_repo", default=None, metavar="REPO_ID", help="Push the built folder to this Hub repo."
+)
 @click.option("--tag", default=None, help="With --push: tag the release commit.")
 @click.option("--private", is_flag=True, help="With --push: create the repo private.")
 @click.option("--revision", default=None, help="With --push: branch to push to.")
@@ -176,17 +278,20 @@ def build(recipe, out, overwrite, cache_dir, push_repo, tag, private, revision):
     from deita_hub.dataset import build as build_dataset
     from deita_hub.resources import resolve_resource
 
-    result = build_dataset(resolve_resource(recipe, "dataset_scripts"), out, overwrite=overwrite, cache_dir=cache_dir)
+    result = build_dataset(
+        resolve_resource(recipe, "dataset_scripts"), out, overwrite=overwrite, cache_dir=cache_dir
+    )
     for subset in result.record["subsets"]:
         click.echo(f"{subset['name']}: {subset['rows']} rows ({subset['selection']['method']})")
     click.echo(f"built {result.out}")
     if push_repo:
         from deita_hub.hub import push_folder
 
-        pushed = push_folder(result.out, push_repo, repo_type="dataset", tag=tag, private=private, revision=revision)
-        click.echo(pushed.commit_oid and f"pushed {pushed.url} @ {pushed.commit_oid}" or f"unchanged: {pushed.url}")
-        if pushed.tag:
-            click.echo(f"tagged {pushed.tag}")
+        _report_push(
+            push_folder(
+                result.out, push_repo, repo_type="dataset", tag=tag, private=private, revision=revision
+            )
+        )
 
 
 @cli.command("demo-pool")
@@ -247,8 +352,12 @@ def card(run_dir, eval_results, out):
     help="Repo type (default: detected: deita_build.json or README `configs:` -> dataset, config.json -> model).",
 )
 @click.option("--tag", default=None, help="Tag the pushed commit (an existing tag is never moved).")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
-@click.option("--revision", default=None, help="Branch to push to (created from main if missing; default main).")
+@click.option(
+    "--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility)."
+)
+@click.option(
+    "--revision", default=None, help="Branch to push to (created from main if missing; default main)."
+)
 @click.option("--message", default=None, help="Commit message (default: 'Release TAG' or 'Upload ...').")
 @click.option(
     "--delete-missing",
@@ -261,14 +370,8 @@ def push(folder, repo_id, repo_type, tag, private, revision, message, delete_mis
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub (e.g. the test server
     `python -m deita_hub.testing.hub`).
     """
-    import logging
-
     from deita_hub.hub import push_folder
 
-    if logging.getLogger().level > logging.DEBUG:  # one line per HTTP request is noise unless --verbose
-        for name in ("httpx", "httpx2"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("huggingface_hub").propagate = False  # it has its own handler: no doubled lines
     result = push_folder(
         folder,
         repo_id,
@@ -279,6 +382,10 @@ def push(folder, repo_id, repo_type, tag, private, revision, message, delete_mis
         commit_message=message,
         delete_missing=delete_missing,
     )
+    _report_push(result)
+
+
+def _report_push(result) -> None:
     if result.created_commit:
         click.echo(f"pushed {result.repo_type} {result.repo_id}@{result.revision}: {result.commit_url}")
     else:
@@ -461,38 +568,89 @@ def chat(model, prompt, system, max_new_tokens, temperature, top_p, seed, dtype,
 
 @cli.command()
 @click.argument("pool")
-@click.option("--scorer", required=True, type=click.Choice(["complexity", "quality"]),
-              help="complexity reads each instruction; quality reads each (instruction, response) pair.")
-@click.option("--model", required=True, help="Scorer model: Hub id or folder (e.g. hkust-nlp/deita-complexity-scorer).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="Output .jsonl: every input field plus complexity_scores / quality_scores.")
-@click.option("--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"]))
+@click.option(
+    "--scorer",
+    required=True,
+    type=click.Choice(["complexity", "quality"]),
+    help="complexity reads each instruction; quality reads each (instruction, response) pair.",
+)
+@click.option(
+    "--model", required=True, help="Scorer model: Hub id or folder (e.g. hkust-nlp/deita-complexity-scorer)."
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output .jsonl: every input field plus complexity_scores / quality_scores.",
+)
+@click.option(
+    "--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"])
+)
 @click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per forward pass.")
-@click.option("--max-length", default=2048, show_default=True, type=int, help="Max prompt tokens (incl. BOS).")
-@click.option("--truncation-side", default="right", show_default=True, type=click.Choice(["right", "left", "none"]),
-              help="Cut longer prompts inside the text (right keeps its beginning), or fail them (none).")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="auto: bf16 on GPU, fp32 on CPU.")
+@click.option(
+    "--max-length", default=2048, show_default=True, type=int, help="Max prompt tokens (incl. BOS)."
+)
+@click.option(
+    "--truncation-side",
+    default="right",
+    show_default=True,
+    type=click.Choice(["right", "left", "none"]),
+    help="Cut longer prompts inside the text (right keeps its beginning), or fail them (none).",
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="auto: bf16 on GPU, fp32 on CPU.",
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
 @click.option("--ray-actors", default=None, type=int, help="Ray actors (default: one per GPU, else 1).")
 @pool_options
-def score(pool, scorer, model, out, backend, batch_size, max_length, truncation_side, dtype, device, use_ray,
-          ray_actors, **pool_kwargs):
+def score(
+    pool,
+    scorer,
+    model,
+    out,
+    backend,
+    batch_size,
+    max_length,
+    truncation_side,
+    dtype,
+    device,
+    use_ray,
+    ray_actors,
+    **pool_kwargs,
+):
     """Score POOL with a Deita scorer, per (user, assistant) pair; resumes an interrupted run of the same OUT."""
     from pathlib import Path
 
     from deita_hub.scoring import ScoreConfig, failures_path, score_pool
 
-    config = ScoreConfig(scorer=scorer, model=model, backend=backend, batch_size=batch_size, max_length=max_length,
-                         truncation_side=truncation_side, dtype=dtype, device=device, use_ray=use_ray,
-                         ray_actors=ray_actors)
+    config = ScoreConfig(
+        scorer=scorer,
+        model=model,
+        backend=backend,
+        batch_size=batch_size,
+        max_length=max_length,
+        truncation_side=truncation_side,
+        dtype=dtype,
+        device=device,
+        use_ray=use_ray,
+        ray_actors=ray_actors,
+    )
     data = _read_pool_from_options(pool, **pool_kwargs)
     meta = score_pool(data, config, out)
     _write_invalid(data, out)
     rate = f", {meta['rows_per_second']} rows/s" if meta.get("rows_per_second") else ""
-    click.echo(f"wrote {out}: {meta['num_rows']} rows, {meta['num_pairs']} pairs scored ({meta['output_field']}"
-               f"{rate}; {meta['resumed_rows']} resumed, {meta['truncated_pairs']} truncated)")
+    click.echo(
+        f"wrote {out}: {meta['num_rows']} rows, {meta['num_pairs']} pairs scored ({meta['output_field']}"
+        f"{rate}; {meta['resumed_rows']} resumed, {meta['truncated_pairs']} truncated)"
+    )
     if meta["num_failed_rows"]:
-        click.echo(f"{meta['num_failed_rows']} row(s) could not be scored (null scores); reasons in "
-                   f"{failures_path(Path(out))}", err=True)
+        click.echo(
+            f"{meta['num_failed_rows']} row(s) could not be scored (null scores); reasons in "
+            f"{failures_path(Path(out))}",
+            err=True,
+        )

@@ -21,7 +21,13 @@ FORMATS: tuple[str, ...] = ("auto", "sharegpt", "openai", "alpaca")
 CANONICAL_ROLES = ("system", "user", "assistant")
 
 # ShareGPT's own role names (Deita's pools use human/gpt); the canonical names are accepted too.
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
 TO_SHAREGPT = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
@@ -37,7 +43,9 @@ class FormatSpec:
     output_field: str = field(
         default="output", metadata={"help": "Alpaca response column (GPTeacher calls it 'response')"}
     )
-    system_field: str | None = field(default=None, metadata={"help": "Alpaca/ShareGPT column holding a system prompt"})
+    system_field: str | None = field(
+        default=None, metadata={"help": "Alpaca/ShareGPT column holding a system prompt"}
+    )
     role_map: Mapping[str, str] = field(
         default_factory=dict,
         metadata={"help": "extra role names -> system/user/assistant, e.g. {function_call: assistant}"},
@@ -75,7 +83,12 @@ class FormatSpec:
             "openai": [spec.messages_field],
             "alpaca": [spec.instruction_field, spec.output_field],
         }[fmt]
-        if fmt == "alpaca" and spec.output_field not in columns and self.format == "auto" and "response" in columns:
+        if (
+            fmt == "alpaca"
+            and spec.output_field not in columns
+            and self.format == "auto"
+            and "response" in columns
+        ):
             # GPTeacher and others call the answer 'response'; auto-detection records the choice in provenance.
             spec = FormatSpec(**{**spec.__dict__, "output_field": "response"})
             required = [spec.instruction_field, "response"]
@@ -98,7 +111,12 @@ def _text(value: Any, field_name: str) -> str:
 
 
 def _turns_from_list(
-    turns: Any, field_name: str, role_key: str, content_key: str, known: Mapping[str, str], role_map: Mapping[str, str]
+    turns: Any,
+    field_name: str,
+    role_key: str,
+    content_key: str,
+    known: Mapping[str, str],
+    role_map: Mapping[str, str],
 ) -> list[dict[str, str]]:
     if turns is None:
         raise InvalidRecordError("missing (null)", field=field_name)
@@ -117,7 +135,9 @@ def _turns_from_list(
             raise InvalidRecordError(f"missing '{content_key}'", field=where)
         raw_role = turn[role_key]
         if not isinstance(raw_role, str):
-            raise InvalidRecordError(f"'{role_key}' must be a string, got {type(raw_role).__name__}", field=where)
+            raise InvalidRecordError(
+                f"'{role_key}' must be a string, got {type(raw_role).__name__}", field=where
+            )
         role = role_map.get(raw_role) or known.get(raw_role)
         if role is None:
             raise InvalidRecordError(
@@ -188,7 +208,9 @@ def to_conversation(record: Mapping[str, Any], spec: FormatSpec) -> list[dict[st
         raise DeitaHubError(f"unresolved format '{spec.format}'")
     if system is not None:
         if turns[0]["role"] == "system":
-            raise InvalidRecordError("system prompt given twice (column and first turn)", field=spec.system_field)
+            raise InvalidRecordError(
+                "system prompt given twice (column and first turn)", field=spec.system_field
+            )
         turns = [{"role": "system", "content": system}, *turns]
     return validate(turns, name)
 

@@ -35,7 +35,13 @@ from deita_hub.selection import Selection, SelectionConfig, evol_scores, select
 log = logging.getLogger(__name__)
 
 # Columns deita-hub adds to every selected row; rebuilt when a built dataset is used as a pool.
-AUDIT_COLUMNS = ("pool_row", "selection_rank", "evol_score", "nearest_selected_row", "nearest_selected_similarity")
+AUDIT_COLUMNS = (
+    "pool_row",
+    "selection_rank",
+    "evol_score",
+    "nearest_selected_row",
+    "nearest_selected_similarity",
+)
 BUILD_RECORD = "deita_build.json"
 PLOT = "assets/scores.png"
 
@@ -91,13 +97,19 @@ def pool_scores(pool: Pool, recipe: Recipe, *, progress: bool = True) -> tuple[n
         ("complexity", spec.complexity_field, spec.complexity_model),
         ("quality", spec.quality_field, spec.quality_model),
     ):
-        values = pool.table.column(name).to_pylist() if name in pool.table.column_names else [None] * len(pool)
+        values = (
+            pool.table.column(name).to_pylist() if name in pool.table.column_names else [None] * len(pool)
+        )
         missing = [i for i, v in enumerate(values) if v is None]
         if missing and model:
             from deita_hub.scoring import ScoreConfig, score_conversations
 
             config = ScoreConfig(
-                scorer=kind, model=model, backend=spec.backend, batch_size=spec.batch_size, use_ray=spec.use_ray
+                scorer=kind,
+                model=model,
+                backend=spec.backend,
+                batch_size=spec.batch_size,
+                use_ray=spec.use_ray,
             )
             result = score_conversations([pool.conversations[i] for i in missing], config, progress=progress)
             if result.failures:
@@ -157,9 +169,13 @@ def select_subsets(
     walks: dict[tuple, Selection] = {}
     for subset in sorted(subsets, key=lambda s: -s.selection.budget):
         config = subset.selection
-        key = (config.method, config.max_similarity, config.seed) if config.method != "deita" else (
-            "deita",
-            config.max_similarity,
+        key = (
+            (config.method, config.max_similarity, config.seed)
+            if config.method != "deita"
+            else (
+                "deita",
+                config.max_similarity,
+            )
         )
         if key in walks:
             results[subset.name] = walks[key].prefix(config.budget)
@@ -192,7 +208,9 @@ def subset_table(pool: Pool, selection: Selection, scores: np.ndarray | None) ->
     audit = {
         "pool_row": pa.array(pool.rows[selection.positions], type=pa.int64()),
         "selection_rank": pa.array(np.arange(len(selection), dtype=np.int64)),
-        "evol_score": pa.array(scores[selection.positions] if scores is not None else [None] * len(selection), type=pa.float64()),
+        "evol_score": pa.array(
+            scores[selection.positions] if scores is not None else [None] * len(selection), type=pa.float64()
+        ),
         "nearest_selected_row": pa.array(nearest, type=pa.int64(), mask=nearest < 0),
         "nearest_selected_similarity": pa.array(similarity, type=pa.float64(), mask=np.isnan(similarity)),
     }
@@ -216,7 +234,12 @@ def _write_shards(table: pa.Table, folder: Path, max_rows: int) -> list[str]:
 
 
 def _size_category(rows: int) -> str:
-    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+    for limit, label in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
         if rows < limit:
             return label
     return "1M<n<10M"
@@ -238,14 +261,22 @@ def _plot(path: Path, scores: np.ndarray | None, pool: Pool, selections: dict[st
     bins = np.histogram_bin_edges(values, bins=40)
     ax.hist(values, bins=bins, density=True, alpha=0.45, label=f"pool ({len(values):,})", color="grey")
     for name, selection in selections.items():
-        ax.hist(values[selection.positions], bins=bins, density=True, histtype="step", lw=1.6,
-                label=f"{name} ({len(selection):,})")
+        ax.hist(
+            values[selection.positions],
+            bins=bins,
+            density=True,
+            histtype="step",
+            lw=1.6,
+            label=f"{name} ({len(selection):,})",
+        )
     ax.set_xlabel(label)
     ax.set_ylabel("density")
     ax.set_title("Score distribution: pool vs selected subsets")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})  # no timestamps/versions: identical builds give identical bytes
+    fig.savefig(
+        path, metadata={"Software": None}
+    )  # no timestamps/versions: identical builds give identical bytes
     plt.close(fig)
     return True
 
@@ -330,7 +361,9 @@ def build(
     needs_scores = any(s.selection.needs_scores for s in recipe.subsets)
     needs_embeddings = any(s.selection.needs_embeddings for s in recipe.subsets)
     scores, score_meta = pool_scores(pool, recipe, progress=progress) if needs_scores else (None, None)
-    embeddings, embed_meta = pool_embeddings(pool, recipe, cache, progress=progress) if needs_embeddings else (None, None)
+    embeddings, embed_meta = (
+        pool_embeddings(pool, recipe, cache, progress=progress) if needs_embeddings else (None, None)
+    )
     selections = select_subsets(recipe.subsets, pool, scores=scores, embeddings=embeddings, progress=progress)
     tables = {s.name: subset_table(pool, selections[s.name], scores) for s in recipe.subsets}
 
@@ -362,7 +395,8 @@ def build(
         has_plot = _plot(tmp / PLOT, scores, pool, selections)
         provenance = pool.provenance()
         provenance["source"] = ", ".join(
-            Path(s).name if Path(s).exists() else s for s in (recipe.pool.sources or [f"generated:{recipe.pool.generate}"])
+            Path(s).name if Path(s).exists() else s
+            for s in (recipe.pool.sources or [f"generated:{recipe.pool.generate}"])
         )
         record = {
             "schema": 1,
@@ -415,7 +449,11 @@ def run_select(
         raise DeitaHubError(f"{out}: output must end in {', '.join(SUFFIXES)}")
     configs = [config]
     if baselines:
-        configs += [dataclasses.replace(config, method=m) for m in ("random", "score", "longest") if m != config.method]
+        configs += [
+            dataclasses.replace(config, method=m)
+            for m in ("random", "score", "longest")
+            if m != config.method
+        ]
     matrix = None
     if config.needs_embeddings:
         if embeddings is None:
@@ -440,7 +478,12 @@ def run_select(
     written = []
     for c in configs:
         selection = select(
-            c, num_rows=len(pool), scores=scores, embeddings=matrix, response_lengths=lengths, progress=progress
+            c,
+            num_rows=len(pool),
+            scores=scores,
+            embeddings=matrix,
+            response_lengths=lengths,
+            progress=progress,
         )
         path = out if c is config else out.with_name(f"{out.stem}.{c.method}{out.suffix}")
         write_rows(subset_table(pool, selection, scores), path)

@@ -11,14 +11,46 @@ from __future__ import annotations
 import random
 
 TOPICS = [
-    "photosynthesis", "binary search", "the French Revolution", "compound interest", "plate tectonics",
-    "recursion in Python", "the water cycle", "supply and demand", "vaccines", "black holes", "SQL joins",
-    "climate change", "the Pythagorean theorem", "neural networks", "sourdough baking", "marathon training",
-    "the Roman Empire", "HTTP caching", "git rebase", "sleep hygiene", "prime numbers", "renewable energy",
-    "the immune system", "impressionist painting", "Bayes' theorem", "container shipping", "coral reefs",
-    "public speaking", "linked lists", "the printing press", "inflation", "volcanoes", "unit testing",
-    "meditation", "quantum entanglement", "the Silk Road", "gradient descent", "bird migration",
-    "contract law basics", "jazz improvisation",
+    "photosynthesis",
+    "binary search",
+    "the French Revolution",
+    "compound interest",
+    "plate tectonics",
+    "recursion in Python",
+    "the water cycle",
+    "supply and demand",
+    "vaccines",
+    "black holes",
+    "SQL joins",
+    "climate change",
+    "the Pythagorean theorem",
+    "neural networks",
+    "sourdough baking",
+    "marathon training",
+    "the Roman Empire",
+    "HTTP caching",
+    "git rebase",
+    "sleep hygiene",
+    "prime numbers",
+    "renewable energy",
+    "the immune system",
+    "impressionist painting",
+    "Bayes' theorem",
+    "container shipping",
+    "coral reefs",
+    "public speaking",
+    "linked lists",
+    "the printing press",
+    "inflation",
+    "volcanoes",
+    "unit testing",
+    "meditation",
+    "quantum entanglement",
+    "the Silk Road",
+    "gradient descent",
+    "bird migration",
+    "contract law basics",
+    "jazz improvisation",
 ]
 TASKS = [
     ("Explain {t} in simple terms.", 1),
@@ -65,7 +97,7 @@ def generate_pool(rows: int = 2400, seed: int = 0) -> list[dict]:
         conversations, complexity, quality = [], [], []
         if rng.random() < 0.1:
             conversations.append({"from": "system", "value": rng.choice(SYSTEM_PROMPTS)})
-        for turn in range(turns_wanted):
+        for _ in range(turns_wanted):
             sentences = max(1, int(rng.gauss(difficulty * 1.5, 1.5)))
             answer = _answer(rng, topic, other, sentences)
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]

@@ -13,7 +13,9 @@ class DeitaHubError(Exception):
 class InvalidRecordError(DeitaHubError):
     """A pool row that cannot be read into a conversation. Names the file, the row and the field."""
 
-    def __init__(self, reason: str, *, field: str | None = None, row: int | None = None, source: str | None = None):
+    def __init__(
+        self, reason: str, *, field: str | None = None, row: int | None = None, source: str | None = None
+    ):
         self.reason = reason
         self.field = field
         self.row = row
@@ -28,7 +30,7 @@ class InvalidRecordError(DeitaHubError):
             where.append(f"row {self.row}")
         if self.field is not None:
             where.append(f"field '{self.field}'")
-        return (": ".join([", ".join(where), self.reason]) if where else self.reason)
+        return ": ".join([", ".join(where), self.reason]) if where else self.reason
 
     def located(self, *, row: int, source: str) -> InvalidRecordError:
         return InvalidRecordError(self.reason, field=self.field, row=row, source=source)
@@ -38,9 +40,7 @@ class MissingExtraError(DeitaHubError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 
     def __init__(self, module: str, extra: str, purpose: str):
-        super().__init__(
-            f"{purpose} needs the '{module}' package: pip install 'deita-hub[{extra}]'"
-        )
+        super().__init__(f"{purpose} needs the '{module}' package: pip install 'deita-hub[{extra}]'")
 
 
 def require(module: str, extra: str, purpose: str):

@@ -510,11 +510,11 @@ def push_folder(
             logger.info("unchanged: %s@%s already holds these %d files", repo_id, branch, len(files))
             commit_oid, head = None, parent
         else:
-            changed = [f.path_in_repo for f in files if not _same(f, remote.get(f.path_in_repo))]
+            changed = [f for f in files if not _same(f, remote.get(f.path_in_repo))]
             logger.info("%d changed or new files, %d deletions", len(changed), len(deletions))
             message = commit_message or (f"Release {tag}" if tag else f"Upload {repo_type} with deita-hub")
             commit_oid = _commit(
-                api, hf, repo_id, repo_type, branch, parent, files, deletions, message, policy, token
+                api, hf, repo_id, repo_type, branch, parent, files, changed, deletions, message, policy, token
             )
             head = commit_oid or parent
         if tag:
@@ -554,14 +554,22 @@ def _ensure_branch(api, repo_id, repo_type, branch, policy, token) -> None:
 
 
 def _commit(
-    api, hf, repo_id, repo_type, branch, parent, files, deletions, message, policy, token
+    api, hf, repo_id, repo_type, branch, parent, files, changed, deletions, message, policy, token
 ) -> str | None:
-    """Upload, then one commit pinned on `parent`; the new commit id (None if the server found no change)."""
+    """Upload, then one commit pinned on `parent`; the new commit id (None if the server found no change).
+
+    The commit's tree holds every file of `files`: it adds the `changed` ones, and the others are already in
+    `parent` with the same content (pinning the parent guarantees that), so they are neither re-hashed nor
+    re-uploaded.
+    """
     additions = [
-        hf.CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.path)) for f in files
+        hf.CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.path)) for f in changed
     ]
     operations = additions + [hf.CommitOperationDelete(path_in_repo=p) for p in deletions]
-    description = f"{len(files)} files pushed by deita-hub {__version__}."
+    description = (
+        f"{len(files)} files ({len(changed)} added or changed, {len(deletions)} deleted), "
+        f"pushed by deita-hub {__version__}."
+    )
     try:
         # Upload modes and LFS uploads; huggingface_hub retries each of these requests itself.
         api.preupload_lfs_files(

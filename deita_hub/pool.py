@@ -70,7 +70,9 @@ def _read_json_rows(path: Path) -> list[Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DeitaHubError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        raise DeitaHubError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from exc
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         raise DeitaHubError(
@@ -92,7 +94,9 @@ def _read_jsonl_rows(path: Path, on_invalid: str, invalid: list) -> list[Any]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 error = InvalidRecordError(
-                    f"invalid JSON on line {line_no}: {exc.msg} (column {exc.colno})", row=len(rows), source=str(path)
+                    f"invalid JSON on line {line_no}: {exc.msg} (column {exc.colno})",
+                    row=len(rows),
+                    source=str(path),
                 )
                 if on_invalid == "error":
                     raise error from exc
@@ -139,7 +143,9 @@ def _load_hf(path: str, *, config: str | None, split: str, revision: str | None,
     except DeitaHubError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the path and the reason
-        raise DeitaHubError(f"cannot load dataset '{path}' (config {config!r}, split {split!r}): {exc}") from exc
+        raise DeitaHubError(
+            f"cannot load dataset '{path}' (config {config!r}, split {split!r}): {exc}"
+        ) from exc
 
 
 def _read_source(
@@ -168,8 +174,14 @@ def _read_source(
         return dataset.data.table, None, digest.hexdigest()
     if "/" in str(path) and not str(path).startswith((".", "/")) and str(path).count("/") == 1:
         dataset = _load_hf(str(path), config=config, split=split, revision=revision, local=False)
-        return dataset.data.table, None, hashlib.sha256(f"hf:{path}:{config}:{dataset._fingerprint}".encode()).hexdigest()
-    raise DeitaHubError(f"pool '{path}' does not exist (give a .json/.jsonl/.parquet file, a dataset folder or a Hub id)")
+        return (
+            dataset.data.table,
+            None,
+            hashlib.sha256(f"hf:{path}:{config}:{dataset._fingerprint}".encode()).hexdigest(),
+        )
+    raise DeitaHubError(
+        f"pool '{path}' does not exist (give a .json/.jsonl/.parquet file, a dataset folder or a Hub id)"
+    )
 
 
 def read_pool(
@@ -201,14 +213,21 @@ def read_pool(
         name = str(source)
         source_invalid: list[dict] = []
         table, records, part = _read_source(
-            source, config=config, split=split, revision=revision, on_invalid=on_invalid, invalid=source_invalid
+            source,
+            config=config,
+            split=split,
+            revision=revision,
+            on_invalid=on_invalid,
+            invalid=source_invalid,
         )
         fingerprint.update(part.encode())
         if records is None:
             records = table.to_pylist()
         for i, record in enumerate(records):
             if record is not None and not isinstance(record, dict):
-                error = InvalidRecordError(f"expected an object, got {type(record).__name__}", row=i, source=name)
+                error = InvalidRecordError(
+                    f"expected an object, got {type(record).__name__}", row=i, source=name
+                )
                 if on_invalid == "error":
                     raise error
                 source_invalid.append({"row": i, "field": None, "reason": error.reason, "source": name})

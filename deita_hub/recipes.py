@@ -26,12 +26,18 @@ CONFIG_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 @dataclass(frozen=True)
 class PoolSpec:
-    sources: tuple[str, ...] = field(default=(), metadata={"help": "files, dataset folders or Hub ids (concatenated)"})
-    generate: str | None = field(default=None, metadata={"help": "'demo': the packaged synthetic pool instead of sources"})
+    sources: tuple[str, ...] = field(
+        default=(), metadata={"help": "files, dataset folders or Hub ids (concatenated)"}
+    )
+    generate: str | None = field(
+        default=None, metadata={"help": "'demo': the packaged synthetic pool instead of sources"}
+    )
     rows: int = field(default=2400, metadata={"help": "generate: number of synthetic conversations"})
     seed: int = field(default=0, metadata={"help": "generate: seed"})
     format: FormatSpec = field(default_factory=FormatSpec, metadata={"help": "format and field mapping"})
-    on_invalid: str = field(default="error", metadata={"help": "error | skip (skipped rows are written with reasons)"})
+    on_invalid: str = field(
+        default="error", metadata={"help": "error | skip (skipped rows are written with reasons)"}
+    )
     config: str | None = field(default=None, metadata={"help": "HF dataset sources: config name"})
     split: str = field(default="train", metadata={"help": "HF dataset sources: split"})
     revision: str | None = field(default=None, metadata={"help": "Hub sources: revision"})
@@ -39,10 +45,16 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class ScoresSpec:
-    complexity_field: str = field(default="complexity_scores", metadata={"help": "per-turn complexity scores column"})
+    complexity_field: str = field(
+        default="complexity_scores", metadata={"help": "per-turn complexity scores column"}
+    )
     quality_field: str = field(default="quality_scores", metadata={"help": "per-turn quality scores column"})
-    complexity_model: str | None = field(default=None, metadata={"help": "score rows lacking complexity with this model"})
-    quality_model: str | None = field(default=None, metadata={"help": "score rows lacking quality with this model"})
+    complexity_model: str | None = field(
+        default=None, metadata={"help": "score rows lacking complexity with this model"}
+    )
+    quality_model: str | None = field(
+        default=None, metadata={"help": "score rows lacking quality with this model"}
+    )
     backend: str = field(default="transformers", metadata={"help": "scoring backend: transformers | vllm"})
     batch_size: int = field(default=16, metadata={"help": "scoring batch size"})
     use_ray: bool = field(default=False, metadata={"help": "score on a Ray cluster (extra [ray])"})

@@ -39,15 +39,22 @@ METHODS = ("deita", "random", "score", "longest")
 class SelectionConfig:
     """One subset to select. Recipe `configs:` entries and `deita-hub select` options mirror these fields."""
 
-    method: str = field(default="deita", metadata={"help": "deita | random | score (top-k by evol score) | longest (response)"})
+    method: str = field(
+        default="deita",
+        metadata={"help": "deita | random | score (top-k by evol score) | longest (response)"},
+    )
     budget: int = field(default=6000, metadata={"help": "rows to select"})
     max_similarity: float = field(
         default=0.9, metadata={"help": "deita: reject a candidate whose cosine to a selected row is > this"}
     )
     seed: int = field(default=42, metadata={"help": "random: permutation seed"})
     block_size: int = field(default=2048, metadata={"help": "deita: candidates per matrix product"})
-    precision: str = field(default="fp32", metadata={"help": "deita: fp32 (numpy) | bf16 | fp16 (torch); exact either way"})
-    device: str | None = field(default=None, metadata={"help": "bf16/fp16: torch device (default cuda if available)"})
+    precision: str = field(
+        default="fp32", metadata={"help": "deita: fp32 (numpy) | bf16 | fp16 (torch); exact either way"}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "bf16/fp16: torch device (default cuda if available)"}
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -55,7 +62,9 @@ class SelectionConfig:
         if not isinstance(self.budget, int) or self.budget < 1:
             raise DeitaHubError(f"budget must be a positive integer, got {self.budget!r}")
         if not -1.0 <= float(self.max_similarity) <= 1.0:
-            raise DeitaHubError(f"max_similarity is a cosine similarity in [-1, 1], got {self.max_similarity}")
+            raise DeitaHubError(
+                f"max_similarity is a cosine similarity in [-1, 1], got {self.max_similarity}"
+            )
         if self.precision not in PRECISIONS:
             raise DeitaHubError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         if self.block_size < 1:
@@ -75,7 +84,9 @@ class Selection:
     """Selected positions (into the pool's valid rows) in selection order, with audit columns."""
 
     positions: np.ndarray  # int64 [k]
-    nearest: np.ndarray  # int64 [k]: position of the most similar earlier-selected row, -1 if none/not computed
+    nearest: (
+        np.ndarray
+    )  # int64 [k]: position of the most similar earlier-selected row, -1 if none/not computed
     nearest_similarity: np.ndarray  # float64 [k]: its cosine similarity, NaN if none
     scanned_at: np.ndarray  # int64 [k]: candidates examined (in score order) when row i was accepted
     scanned: int  # candidates examined in all: scanned_at[-1] when the budget was met, else the pool size
@@ -92,7 +103,12 @@ class Selection:
         scanned = int(self.scanned_at[k - 1])
         stats = {**self.stats, "selected": k, "scanned": scanned, "rejected": scanned - k, "budget": budget}
         return Selection(
-            self.positions[:k], self.nearest[:k], self.nearest_similarity[:k], self.scanned_at[:k], scanned, stats
+            self.positions[:k],
+            self.nearest[:k],
+            self.nearest_similarity[:k],
+            self.scanned_at[:k],
+            scanned,
+            stats,
         )
 
 
@@ -101,21 +117,29 @@ class Selection:
 
 def _per_turn(value, field_name: str, row: int) -> np.ndarray:
     if value is None:
-        raise DeitaHubError(f"row {row}, field '{field_name}': missing score (score the pool first: deita-hub score)")
+        raise DeitaHubError(
+            f"row {row}, field '{field_name}': missing score (score the pool first: deita-hub score)"
+        )
     if isinstance(value, int | float):
         value = [value]
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise DeitaHubError(f"row {row}, field '{field_name}': scores must be numbers, got {value!r}") from None
+        raise DeitaHubError(
+            f"row {row}, field '{field_name}': scores must be numbers, got {value!r}"
+        ) from None
     if array.ndim != 1 or array.size == 0:
-        raise DeitaHubError(f"row {row}, field '{field_name}': expected a number or a non-empty list, got {value!r}")
+        raise DeitaHubError(
+            f"row {row}, field '{field_name}': expected a number or a non-empty list, got {value!r}"
+        )
     if not np.isfinite(array).all():
         raise DeitaHubError(f"row {row}, field '{field_name}': scores must be finite, got {value!r}")
     return array
 
 
-def evol_scores(complexity: list, quality: list, *, source: str = "pool", rows: np.ndarray | None = None) -> np.ndarray:
+def evol_scores(
+    complexity: list, quality: list, *, source: str = "pool", rows: np.ndarray | None = None
+) -> np.ndarray:
     """Deita's evol score per row: sum over turns of complexity_t * quality_t (not length-normalised)."""
     out = np.empty(len(complexity), dtype=np.float64)
     for i, (c, q) in enumerate(zip(complexity, quality, strict=True)):
@@ -283,10 +307,19 @@ def deita_select(
     }
     if k < config.budget:
         log.warning(
-            "only %d of the %d-row budget survive max_similarity %.4g over %d rows", k, config.budget, threshold, n
+            "only %d of the %d-row budget survive max_similarity %.4g over %d rows",
+            k,
+            config.budget,
+            threshold,
+            n,
         )
     return Selection(
-        positions[:k].copy(), nearest[:k].copy(), nearest_sim[:k].copy(), scanned_at[:k].copy(), scanned, stats
+        positions[:k].copy(),
+        nearest[:k].copy(),
+        nearest_sim[:k].copy(),
+        scanned_at[:k].copy(),
+        scanned,
+        stats,
     )
 
 
@@ -320,7 +353,9 @@ def select(
         raise DeitaHubError(f"method '{config.method}' needs scores (complexity_scores and quality_scores)")
     if config.method == "deita":
         if embeddings is None:
-            raise DeitaHubError("method 'deita' needs embeddings (deita-hub embed, or the recipe's embedding section)")
+            raise DeitaHubError(
+                "method 'deita' needs embeddings (deita-hub embed, or the recipe's embedding section)"
+            )
         return deita_select(embeddings, scores, config, progress=progress)
     budget = min(config.budget, num_rows)
     if config.method == "score":

@@ -25,11 +25,19 @@ def make_pool(tmp_path, n=120, seed=0, dim=24):
         turns = int(rng.integers(1, 3))
         conv = []
         for t in range(turns):
-            conv += [{"from": "human", "value": f"q{i}.{t} " + "x" * int(rng.integers(1, 40))},
-                     {"from": "gpt", "value": f"a{i}.{t} " + "y" * int(rng.integers(1, 200))}]
-        rows.append({"id": f"row-{i}", "conversations": conv, "source": "test",
-                     "complexity_scores": [float(rng.integers(1, 6)) for _ in range(turns)],
-                     "quality_scores": [float(rng.integers(1, 6)) for _ in range(turns)]})
+            conv += [
+                {"from": "human", "value": f"q{i}.{t} " + "x" * int(rng.integers(1, 40))},
+                {"from": "gpt", "value": f"a{i}.{t} " + "y" * int(rng.integers(1, 200))},
+            ]
+        rows.append(
+            {
+                "id": f"row-{i}",
+                "conversations": conv,
+                "source": "test",
+                "complexity_scores": [float(rng.integers(1, 6)) for _ in range(turns)],
+                "quality_scores": [float(rng.integers(1, 6)) for _ in range(turns)],
+            }
+        )
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     centers = rng.normal(size=(5, dim))
@@ -64,9 +72,18 @@ def load_in_fresh_process(folder, config):
         "import datasets, json, sys; ds = datasets.load_dataset(sys.argv[1], sys.argv[2], split='train'); "
         "print(json.dumps({'names': datasets.get_dataset_config_names(sys.argv[1]), 'rows': ds.to_list()}))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(folder), config], capture_output=True, text=True,
-                         check=True, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                          "PATH": "/usr/bin:/bin", "HOME": str(folder.parent)})
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(folder), config],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(folder.parent),
+        },
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -149,7 +166,9 @@ def test_skipped_invalid_rows_are_written_and_counted(tmp_path):
     out = tmp_path / "out"
     build(recipe, out, cache_dir=tmp_path / "cache", progress=False)
     invalid = [json.loads(line) for line in (out / "invalid_rows.jsonl").read_text().splitlines()]
-    assert invalid == [{"row": 7, "field": "conversations[0]", "reason": invalid[0]["reason"], "source": "pool.jsonl"}]
+    assert invalid == [
+        {"row": 7, "field": "conversations[0]", "reason": invalid[0]["reason"], "source": "pool.jsonl"}
+    ]
     assert "1 invalid rows skipped" in (out / "README.md").read_text()
     pool_rows = load_in_fresh_process(out, "score-50")["rows"]
     assert 7 not in [r["pool_row"] for r in pool_rows]
@@ -158,13 +177,19 @@ def test_skipped_invalid_rows_are_written_and_counted(tmp_path):
 def test_alpaca_pool_gains_sharegpt_conversations(tmp_path):
     rows = [{"instruction": f"do {i}", "input": "", "response": "done " * (i + 1)} for i in range(30)]
     (tmp_path / "alpaca.json").write_text(json.dumps(rows))
-    recipe = {"name": "a", "pool": {"sources": ["alpaca.json"]},
-              "configs": [{"name": "longest-5", "method": "longest", "budget": 5}]}
+    recipe = {
+        "name": "a",
+        "pool": {"sources": ["alpaca.json"]},
+        "configs": [{"name": "longest-5", "method": "longest", "budget": 5}],
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     build(tmp_path / "r.yaml", tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     got = load_in_fresh_process(tmp_path / "out", "longest-5")["rows"]
     assert [r["instruction"] for r in got] == [f"do {i}" for i in (29, 28, 27, 26, 25)]
-    assert got[0]["conversations"] == [{"from": "human", "value": "do 29"}, {"from": "gpt", "value": rows[29]["response"]}]
+    assert got[0]["conversations"] == [
+        {"from": "human", "value": "do 29"},
+        {"from": "gpt", "value": rows[29]["response"]},
+    ]
     assert got[0]["evol_score"] is None
 
 
@@ -196,8 +221,15 @@ def test_misaligned_embeddings_are_an_error(tmp_path):
         ({"configs": []}, "'configs' must be a non-empty list"),
         ({"configs": [{"name": "a b", "budget": 5}]}, "config name 'a b'"),
         ({"configs": [{"name": "a", "budget": 5}, {"name": "a", "budget": 6}]}, "duplicate config name"),
-        ({"configs": [{"name": "a", "budget": 5, "default": True}, {"name": "b", "budget": 6, "default": True}]},
-         "only one config may be the default"),
+        (
+            {
+                "configs": [
+                    {"name": "a", "budget": 5, "default": True},
+                    {"name": "b", "budget": 6, "default": True},
+                ]
+            },
+            "only one config may be the default",
+        ),
         ({"configs": [{"name": "a", "budget": -1}]}, "configs\\[0\\]: budget"),
         ({"configs": [{"name": "a", "budget": 5, "topk": 3}]}, "configs\\[0\\]: unknown key"),
         ({"pool": {"sources": ["pool.jsonl"], "format": {"format": "xml"}}}, "unknown pool format"),
@@ -216,3 +248,27 @@ def test_packaged_recipes_parse():
     for path in sorted((ROOT / "dataset_scripts").glob("*.yaml")):
         recipe = load_recipe(path)
         assert recipe.subsets and sum(s.default for s in recipe.subsets) == 1
+
+
+def test_build_push_then_load_by_tag_in_a_fresh_process(tmp_path, hub_env, hub_server, hub_token):
+    """`deita-hub build RECIPE --push REPO --tag v1.0`, then load_dataset(repo, config, revision=tag) elsewhere."""
+    rows, _ = make_pool(tmp_path)
+    recipe = write_recipe(tmp_path)
+    env = {**hub_env, "DEITA_HUB_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "deita_hub", "build", str(recipe), "--out", str(tmp_path / "out")]
+    pushed = subprocess.run(
+        [*command, "--push", "org/test-set", "--tag", "v1.0"], capture_output=True, text=True, env=env
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert "tag v1.0" in pushed.stdout and hub_token not in pushed.stdout + pushed.stderr
+    code = (
+        "import datasets, json, sys; print(json.dumps({c: [r['id'] for r in datasets.load_dataset('org/test-set', c, "
+        "split='train', revision='v1.0')] for c in datasets.get_dataset_config_names('org/test-set', revision='v1.0')}))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=hub_env)
+    assert loaded.returncode == 0, loaded.stderr
+    remote = json.loads(loaded.stdout.strip().splitlines()[-1])
+    local = {c: [r["id"] for r in load_in_fresh_process(tmp_path / "out", c)["rows"]] for c in remote}
+    assert remote == local and set(remote) == {"small", "big", "random-50", "score-50", "longest-50"}
+    history = hub_server.history("org/test-set")
+    assert len(history) == 2  # the repo's initial commit, then the whole release in one commit

@@ -14,15 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args, cwd, check=True, env_extra=None):
     env = {**os.environ, "DEITA_HUB_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    result = subprocess.run([sys.executable, "-m", "deita_hub", *map(str, args)], cwd=cwd, capture_output=True,
-                            text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "deita_hub", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
 
 
 def test_help_lists_the_pipeline():
-    out = subprocess.run([sys.executable, "-m", "deita_hub", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "deita_hub", "--help"], capture_output=True, text=True, check=True
+    )
     for command in ("embed", "select", "build", "demo-pool"):
         assert command in out.stdout
 
@@ -36,19 +39,49 @@ def test_embed_then_select_with_baselines(tmp_path):
     assert meta["dim"] == 384 and meta["normalized"] and meta["max_length"] == 32
     assert meta["pool"]["fingerprint"].startswith("sha256:") and "all-MiniLM-L6-v2" in meta["model"]
     assert not list(tmp_path.glob("*.partial*"))
-    result = run("select", "pool.jsonl", "--embeddings", "emb.npy", "--budget", "20", "--max-similarity", "0.8",
-                 "--out", "sel.jsonl", "--baselines", cwd=tmp_path)
+    result = run(
+        "select",
+        "pool.jsonl",
+        "--embeddings",
+        "emb.npy",
+        "--budget",
+        "20",
+        "--max-similarity",
+        "0.8",
+        "--out",
+        "sel.jsonl",
+        "--baselines",
+        cwd=tmp_path,
+    )
     assert "sel.random.jsonl" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "sel.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and [r["selection_rank"] for r in rows] == list(range(20))
-    assert {"id", "conversations", "complexity_scores", "pool_row", "evol_score", "nearest_selected_row"} <= set(rows[0])
+    assert {
+        "id",
+        "conversations",
+        "complexity_scores",
+        "pool_row",
+        "evol_score",
+        "nearest_selected_row",
+    } <= set(rows[0])
     assert all(r["nearest_selected_similarity"] <= 0.8 for r in rows[1:])
     for method in ("random", "score", "longest"):
         assert len((tmp_path / f"sel.{method}.jsonl").read_text().splitlines()) == 20
     # float16 embeddings are accepted too, and give the same selection here
     np.save(tmp_path / "emb16.npy", emb.astype(np.float16))
-    run("select", "pool.jsonl", "--embeddings", "emb16.npy", "--budget", "20", "--max-similarity", "0.8",
-        "--out", "sel16.parquet", cwd=tmp_path)
+    run(
+        "select",
+        "pool.jsonl",
+        "--embeddings",
+        "emb16.npy",
+        "--budget",
+        "20",
+        "--max-similarity",
+        "0.8",
+        "--out",
+        "sel16.parquet",
+        cwd=tmp_path,
+    )
     import pyarrow.parquet as pq
 
     ids16 = pq.read_table(tmp_path / "sel16.parquet").column("id").to_pylist()
@@ -59,14 +92,23 @@ def test_embed_then_select_with_baselines(tmp_path):
     ("args", "message"),
     [
         (["select", "missing.jsonl", "--out", "o.jsonl", "--method", "random"], "does not exist"),
-        (["select", "bad.jsonl", "--out", "o.jsonl", "--method", "random"], "bad.jsonl, row 1, field 'conversations"),
+        (
+            ["select", "bad.jsonl", "--out", "o.jsonl", "--method", "random"],
+            "bad.jsonl, row 1, field 'conversations",
+        ),
         (["select", "good.jsonl", "--out", "o.jsonl"], "--embeddings is required"),
-        (["select", "good.jsonl", "--out", "o.jsonl", "--embeddings", "short.npy"], "1 embedding rows but the pool has 2"),
+        (
+            ["select", "good.jsonl", "--out", "o.jsonl", "--embeddings", "short.npy"],
+            "1 embedding rows but the pool has 2",
+        ),
         (["select", "good.jsonl", "--out", "o.csv", "--method", "random"], "output must end in"),
         (["select", "good.jsonl", "--out", "o.jsonl", "--method", "score"], "no 'complexity_scores' column"),
         (["build", "nope.yaml", "--out", "built"], "recipe nope.yaml does not exist"),
         (["select", "good.jsonl", "--out", "o.jsonl", "--field", "color"], "--field takes KEY=VALUE"),
-        (["select", "good.jsonl", "--out", "o.jsonl", "--field", "colour=x"], "unexpected keyword argument 'colour'"),
+        (
+            ["select", "good.jsonl", "--out", "o.jsonl", "--field", "colour=x"],
+            "unexpected keyword argument 'colour'",
+        ),
     ],
 )
 def test_bad_input_exits_1_with_one_line_and_writes_nothing(tmp_path, args, message):
@@ -87,23 +129,45 @@ def test_skip_invalid_writes_reasons(tmp_path):
     good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     lines = [good, {"conversations": [{"from": "human", "value": "q"}]}, good]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    result = run("select", "p.jsonl", "--method", "longest", "--budget", "5", "--out", "o.jsonl", "--skip-invalid",
-                 cwd=tmp_path)
+    result = run(
+        "select",
+        "p.jsonl",
+        "--method",
+        "longest",
+        "--budget",
+        "5",
+        "--out",
+        "o.jsonl",
+        "--skip-invalid",
+        cwd=tmp_path,
+    )
     assert "skipped 1 invalid row" in result.stderr
     reasons = [json.loads(line) for line in (tmp_path / "o.jsonl.invalid.jsonl").read_text().splitlines()]
     assert reasons[0]["row"] == 1 and "no assistant reply" in reasons[0]["reason"]
-    assert [json.loads(line)["pool_row"] for line in (tmp_path / "o.jsonl").read_text().splitlines()] == [0, 2]
+    assert [json.loads(line)["pool_row"] for line in (tmp_path / "o.jsonl").read_text().splitlines()] == [
+        0,
+        2,
+    ]
 
 
 @pytest.mark.slow
-def test_demo_recipe_end_to_end(tmp_path):
+def test_demo_recipe_end_to_end(tmp_path, demo_cache_dir):
     """The README's main job: build the packaged demo recipe and load a config with datasets."""
-    run("build", "dataset_scripts/demo.yaml", "--out", tmp_path / "deita-demo", cwd=ROOT,
-        env_extra={"DEITA_HUB_CACHE": str(tmp_path / "cache")})
-    code = ("import datasets, sys; d = datasets.load_dataset(sys.argv[1], '6k', split='train'); "
-            "print(len(d), d[0]['selection_rank'], sorted(datasets.get_dataset_config_names(sys.argv[1])))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "deita-demo")], capture_output=True, text=True,
-                         check=True)
+    run(
+        "build",
+        "dataset_scripts/demo.yaml",
+        "--out",
+        tmp_path / "deita-demo",
+        cwd=ROOT,
+        env_extra={"DEITA_HUB_CACHE": str(demo_cache_dir)},
+    )
+    code = (
+        "import datasets, sys; d = datasets.load_dataset(sys.argv[1], '6k', split='train'); "
+        "print(len(d), d[0]['selection_rank'], sorted(datasets.get_dataset_config_names(sys.argv[1])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "deita-demo")], capture_output=True, text=True, check=True
+    )
     assert out.stdout.split()[:2] == ["600", "0"]
     assert "'10k'" in out.stdout and "'random-10k'" in out.stdout
     card = (tmp_path / "deita-demo" / "README.md").read_text()

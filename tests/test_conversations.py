@@ -8,7 +8,10 @@ from deita_hub.conversations import FormatSpec, pairs, to_conversation, to_share
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.pool import read_pool
 
-SHAREGPT = {"id": "a", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+SHAREGPT = {
+    "id": "a",
+    "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}],
+}
 
 
 def convert(record, **spec):
@@ -32,8 +35,13 @@ def test_sharegpt_round_trip_with_system_and_turns():
 
 
 def test_openai_messages():
-    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                           {"role": "assistant", "content": "A"}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "A"},
+        ]
+    }
     assert convert(record) == record["messages"]
 
 
@@ -42,12 +50,20 @@ def test_alpaca_with_input_and_response_mapping():
     turns = convert(record)  # auto-detects GPTeacher's `response`
     assert turns == [{"role": "user", "content": "Add\n1 and 2"}, {"role": "assistant", "content": "3"}]
     assert convert({"instruction": "Hi", "input": "", "output": "Yo"})[0]["content"] == "Hi"
-    assert convert({"instruction": "Hi", "out": "Yo"}, format="alpaca", output_field="out")[1]["content"] == "Yo"
+    assert (
+        convert({"instruction": "Hi", "out": "Yo"}, format="alpaca", output_field="out")[1]["content"] == "Yo"
+    )
 
 
 def test_role_map_maps_tool_roles_explicitly():
-    record = {"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "{}"},
-                                {"from": "observation", "value": "42"}, {"from": "gpt", "value": "A"}]}
+    record = {
+        "conversations": [
+            {"from": "human", "value": "Q"},
+            {"from": "function_call", "value": "{}"},
+            {"from": "observation", "value": "42"},
+            {"from": "gpt", "value": "A"},
+        ]
+    }
     with pytest.raises(InvalidRecordError, match="unknown role 'function_call'"):
         convert(record)
     turns = convert(record, role_map={"function_call": "assistant", "observation": "user"})
@@ -66,8 +82,11 @@ MALFORMED = [
     ({"conversations": [{"value": "x"}]}, "conversations[0]", "missing 'from'"),
     ({"conversations": [{"from": "human"}]}, "conversations[0]", "missing 'value'"),
     ({"conversations": [{"from": 3, "value": "x"}]}, "conversations[0]", "must be a string"),
-    ({"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]}, "conversations[0].value",
-     "expected a string"),
+    (
+        {"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]},
+        "conversations[0].value",
+        "expected a string",
+    ),
     (_turns("bot", "gpt"), "conversations[0].from", "unknown role 'bot'"),
     (_turns("human"), "conversations[0]", "no assistant reply"),
     (_turns("gpt", "human"), "conversations[0]", "'user' was expected"),
@@ -76,13 +95,22 @@ MALFORMED = [
     (_turns("human", "gpt", "human"), "conversations[2]", "no assistant reply"),
     (_turns("human", "system", "gpt"), "conversations[1]", "system turn may only come first"),
     (_turns("system"), "conversations", "no user/assistant turns"),
-    ({"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "x"}]}, "conversations[0]",
-     "empty user turn"),
-    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}, "conversations[1]",
-     "empty assistant turn"),
+    (
+        {"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "x"}]},
+        "conversations[0]",
+        "empty user turn",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+        "conversations[1]",
+        "empty assistant turn",
+    ),
     ({"messages": [{"role": "human", "content": "q"}]}, "messages[0].role", "unknown role 'human'"),
-    ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]},
-     "messages[0].content", "expected a string"),
+    (
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]},
+        "messages[0].content",
+        "expected a string",
+    ),
     ({"instruction": None, "output": "x"}, "instruction", "missing"),
     ({"instruction": "q", "output": None}, "output", "missing"),
     ({"instruction": ["q"], "output": "x"}, "instruction", "expected a string"),
@@ -116,9 +144,11 @@ def test_unknown_columns_and_missing_mapped_column():
         ('{"data": []}', "expected a JSON array"),
         ('"just a string"', "expected a JSON array"),
         ("[1, 2]", "row 0: expected an object"),
-        ('[{"id": 1, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},'
-         ' {"id": "x", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]',
-         "row 1, field 'id': type str differs"),
+        (
+            '[{"id": 1, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},'
+            ' {"id": "x", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]',
+            "row 1, field 'id': type str differs",
+        ),
     ],
 )
 def test_bad_json_files(tmp_path, content, message):

@@ -15,7 +15,13 @@ POOLS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pools"
 needs_pools = pytest.mark.skipif(not POOLS.is_dir(), reason=f"shared pools not found at {POOLS}")
 
 ROWS = [
-    {"id": f"r{i}", "conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": f"answer {i}"}]}
+    {
+        "id": f"r{i}",
+        "conversations": [
+            {"from": "human", "value": f"question {i}"},
+            {"from": "gpt", "value": f"answer {i}"},
+        ],
+    }
     for i in range(5)
 ]
 
@@ -32,7 +38,9 @@ def test_same_rows_from_every_file_type(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(ROWS))
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "p.parquet")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "saved_dict"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(
+        str(tmp_path / "saved_dict")
+    )
     pools = [read_pool(tmp_path / name) for name in ("p.jsonl", "p.json", "p.parquet", "saved", "saved_dict")]
     for pool in pools:
         assert pool.conversations == pools[0].conversations
@@ -48,13 +56,17 @@ def test_fingerprint_is_stable_and_content_sensitive(tmp_path):
     changed = [dict(r) for r in ROWS]
     changed[2] = {**changed[2], "id": "other"}
     assert read_pool(write_jsonl(tmp_path / "b.jsonl", changed)).fingerprint != a
-    assert read_pool(tmp_path / "a.jsonl", FormatSpec(format="sharegpt")).fingerprint != a  # spec is part of it
+    assert (
+        read_pool(tmp_path / "a.jsonl", FormatSpec(format="sharegpt")).fingerprint != a
+    )  # spec is part of it
 
 
 def test_skip_invalid_keeps_positions_and_reasons(tmp_path):
     rows = [ROWS[0], {"id": "bad", "conversations": [{"from": "human", "value": "q"}]}, ROWS[2]]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    with pytest.raises(DeitaHubError, match=r"p.jsonl, row 1, field 'conversations\[0\]': the last user turn"):
+    with pytest.raises(
+        DeitaHubError, match=r"p.jsonl, row 1, field 'conversations\[0\]': the last user turn"
+    ):
         read_pool(path)
     pool = read_pool(path, on_invalid="skip")
     assert pool.rows.tolist() == [0, 2]
@@ -78,7 +90,9 @@ def test_reads_gpteacher_alpaca_with_response_field():
     pool = read_pool(POOLS / "gpteacher-codegen.json")
     assert len(pool) == 4535 and pool.spec.format == "alpaca" and pool.spec.output_field == "response"
     assert all(c[-1]["role"] == "assistant" for c in pool.conversations)
-    roleplay = read_pool(POOLS / "gpteacher-roleplay.json", FormatSpec(format="alpaca", output_field="response"))
+    roleplay = read_pool(
+        POOLS / "gpteacher-roleplay.json", FormatSpec(format="alpaca", output_field="response")
+    )
     assert len(roleplay) == 1923
 
 
@@ -93,7 +107,9 @@ def test_glaive_toolcall_needs_an_explicit_role_map():
     path = POOLS / "llamafactory-glaive-toolcall-en-demo.json"
     with pytest.raises(DeitaHubError, match="unknown role 'function_call'"):
         read_pool(path)
-    pool = read_pool(path, FormatSpec(role_map={"function_call": "assistant", "observation": "user"}), on_invalid="skip")
+    pool = read_pool(
+        path, FormatSpec(role_map={"function_call": "assistant", "observation": "user"}), on_invalid="skip"
+    )
     assert len(pool) + len(pool.invalid) == 300
     assert "tools" in pool.table.column_names  # passthrough field kept
     assert len(pool) > 250

@@ -120,7 +120,9 @@ def dataset_dir(tmp_path) -> tuple[Path, dict[str, list[dict]]]:
 def test_push_dataset_then_load_every_config_at_the_tag(hub_server, hub_env, hub_token, dataset_dir):
     folder, subsets = dataset_dir
     outputs = []
-    pushed = deita_hub(hub_env, "push", str(folder), REPO, "--tag", "v1.0")
+    # from a plain shell: HF_ENDPOINT + HF_TOKEN only; deita-hub turns Xet off itself for a local endpoint
+    plain_env = {k: v for k, v in hub_env.items() if k != "HF_HUB_DISABLE_XET"}
+    pushed = deita_hub(plain_env, "push", str(folder), REPO, "--tag", "v1.0")
     outputs += [pushed.stdout, pushed.stderr]
     assert pushed.returncode == 0, pushed.stderr
     assert "pushed dataset org/deita-6k@main" in pushed.stdout and "tag v1.0" in pushed.stdout
@@ -286,6 +288,8 @@ TRANSIENT = {
         dict(endpoint="preupload", delay=3),
         dict(endpoint="lfs_batch", delay=3),
         dict(endpoint="lfs_upload", delay=3),
+        # a stalled first try is applied late, after the retry landed: its pinned parent makes it a 412
+        dict(endpoint="commit", delay=2),
         dict(endpoint="commit", delay=3, when="after"),
         dict(endpoint="tag", delay=3, when="after"),
     ],
@@ -309,10 +313,14 @@ def test_transient_faults_push_completes_with_one_commit(hub_server, hub_env, da
     result = deita_hub(env, "push", str(folder), REPO, "--tag", "v1")
     assert result.returncode == 0, result.stderr
     assert [f.endpoint for f in injected if f.hits == 0] == []  # every fault really fired
+    assert hub_server.wait_idle()  # stalled requests have been handled too, so nothing lands after the checks
     history = hub_server.history(REPO)
     assert len(history) == 2, "exactly one commit on top of the initial one"
     assert hub_server.refs(REPO) == {"branches": {"main": history[0]["id"]}, "tags": {"v1": history[0]["id"]}}
     assert hub_server.files(REPO)["assets/scores.png"] == (folder / "assets" / "scores.png").read_bytes()
+    commit_statuses = [r["status"] for r in hub_server.requests if r["endpoint"] == "commit"]
+    if any(f["endpoint"] == "commit" and f.get("delay") and f.get("when") != "after" for f in faults):
+        assert 412 in commit_statuses  # the late first try was refused, not applied a second time
     for fault in faults:
         if fault["endpoint"] == "commit" and fault.get("retry_after"):
             times = [r["time"] for r in hub_server.requests if r["endpoint"] == "commit"]

@@ -18,7 +18,9 @@ def reference_select(embeddings, scores, budget, max_similarity):
     for i in order:
         if len(chosen) == budget:
             break
-        if any(float(unit[j].astype(np.float64) @ unit[i].astype(np.float64)) > max_similarity for j in chosen):
+        if any(
+            float(unit[j].astype(np.float64) @ unit[i].astype(np.float64)) > max_similarity for j in chosen
+        ):
             continue
         chosen.append(i)
     return chosen
@@ -41,10 +43,16 @@ def test_blockwise_equals_reference_on_random_data_with_ties(seed):
     max_similarity = float(rng.choice([0.3, 0.7, 0.9, 0.97]))
     budget = int(rng.integers(1, n))
     expected = reference_select(emb, scores, budget, max_similarity)
-    for block_size, precisions in ((1, ("fp32",)), (5, ("fp32", "bf16")), (64, ("fp32", "fp16", "bf16")), (1024, ("fp32",))):
+    for block_size, precisions in (
+        (1, ("fp32",)),
+        (5, ("fp32", "bf16")),
+        (64, ("fp32", "fp16", "bf16")),
+        (1024, ("fp32",)),
+    ):
         for precision in precisions:
-            config = SelectionConfig(budget=budget, max_similarity=max_similarity, block_size=block_size,
-                                     precision=precision)
+            config = SelectionConfig(
+                budget=budget, max_similarity=max_similarity, block_size=block_size, precision=precision
+            )
             got = deita_select(emb, scores, config)
             assert got.positions.tolist() == expected, (block_size, precision)
 
@@ -59,8 +67,13 @@ def test_similarity_exactly_at_the_threshold_is_kept():
     for max_similarity in (float(sims[0, 1]), float(sims[2, 3]), float(sims[5, 9]), float(sims[0, 0])):
         expected = reference_select(emb, scores, 200, max_similarity)
         for block_size in (3, 256):
-            got = deita_select(emb, scores, SelectionConfig(budget=200, max_similarity=max_similarity,
-                                                            block_size=block_size, precision="bf16"))
+            got = deita_select(
+                emb,
+                scores,
+                SelectionConfig(
+                    budget=200, max_similarity=max_similarity, block_size=block_size, precision="bf16"
+                ),
+            )
             assert got.positions.tolist() == expected
 
 
@@ -140,8 +153,12 @@ def test_evol_score_is_sum_of_per_turn_products():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"budget": 0}, "budget"), ({"max_similarity": 1.5}, "max_similarity"), ({"method": "kmeans"}, "method"),
-     ({"precision": "int8"}, "precision")],
+    [
+        ({"budget": 0}, "budget"),
+        ({"max_similarity": 1.5}, "max_similarity"),
+        ({"method": "kmeans"}, "method"),
+        ({"precision": "int8"}, "precision"),
+    ],
 )
 def test_bad_selection_config(kwargs, message):
     with pytest.raises(DeitaHubError, match=message):
@@ -163,6 +180,8 @@ def test_real_pool_embedded_with_minilm_matches_reference():
     scores = np.array([float(len(c)) for c in conversations])  # deterministic synthetic scores: turn count
     for max_similarity in (0.8, 0.9, 0.95):
         expected = reference_select(emb, scores, 100, max_similarity)
-        got = deita_select(emb, scores, SelectionConfig(budget=100, max_similarity=max_similarity, block_size=32))
+        got = deita_select(
+            emb, scores, SelectionConfig(budget=100, max_similarity=max_similarity, block_size=32)
+        )
         assert got.positions.tolist() == expected
     assert len(reference_select(emb, scores, 100, 0.8)) < 100  # templated near-duplicates are rejected

@@ -37,25 +37,39 @@ DEFAULT_SENTENCE_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (packaged: gt-a
 class EmbedConfig:
     """How to embed a pool. Recipes' `embedding:` section and `deita-hub embed` options mirror these fields."""
 
-    method: str = field(default="sentence", metadata={"help": "sentence | last-token (Deita's causal-LM embedder)"})
+    method: str = field(
+        default="sentence", metadata={"help": "sentence | last-token (Deita's causal-LM embedder)"}
+    )
     model: str | None = field(
         default=None, metadata={"help": "Hub id or local folder; sentence default: packaged all-MiniLM-L6-v2"}
     )
     batch_size: int = field(default=64, metadata={"help": "rows per forward pass"})
     max_length: int | None = field(
-        default=None, metadata={"help": "tokens kept per row (beginning kept); default: 256 sentence, 2048 last-token"}
+        default=None,
+        metadata={"help": "tokens kept per row (beginning kept); default: 256 sentence, 2048 last-token"},
     )
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if available"})
-    dtype: str = field(default="auto", metadata={"help": "last-token weights: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if available"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "last-token weights: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"
+        },
+    )
     backend: str = field(default="transformers", metadata={"help": "last-token: transformers | vllm"})
-    chunk_rows: int = field(default=4096, metadata={"help": "rows written per chunk (the resume granularity)"})
+    chunk_rows: int = field(
+        default=4096, metadata={"help": "rows written per chunk (the resume granularity)"}
+    )
     use_ray: bool = field(default=False, metadata={"help": "map embedding over a Ray cluster (extra [ray])"})
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise DeitaHubError(f"embedding method must be one of {METHODS}, got '{self.method}'")
         if self.method == "last-token" and not self.model:
-            raise DeitaHubError("the last-token embedder needs a model (e.g. mistralai/Mistral-7B-v0.1 or a folder)")
+            raise DeitaHubError(
+                "the last-token embedder needs a model (e.g. mistralai/Mistral-7B-v0.1 or a folder)"
+            )
         if self.batch_size < 1 or self.chunk_rows < 1:
             raise DeitaHubError("batch_size and chunk_rows must be positive")
 
@@ -89,7 +103,9 @@ class SentenceEmbedder:
         try:
             self.model = SentenceTransformer(path, device=device)
         except Exception as exc:
-            raise DeitaHubError(f"cannot load sentence-transformers model '{self.model_name}': {exc}") from exc
+            raise DeitaHubError(
+                f"cannot load sentence-transformers model '{self.model_name}': {exc}"
+            ) from exc
         if config.max_length is not None:
             self.model.max_seq_length = config.max_length
         # Keep the beginning of long conversations, as Deita's embedder does.
@@ -183,7 +199,9 @@ def embed_pool(
             stop = min(n, done + config.chunk_rows)
             vectors = embedder.encode(conversations[done:stop])
             if matrix is None:
-                matrix = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n, vectors.shape[1]))
+                matrix = np.lib.format.open_memmap(
+                    partial, mode="w+", dtype=np.float32, shape=(n, vectors.shape[1])
+                )
             matrix[done:stop] = vectors
             matrix.flush()
             done = stop
@@ -216,7 +234,9 @@ def _finish(out, matrix, meta, pool_provenance, partial, progress_file):
     return out, meta
 
 
-def load_embeddings(path: str | Path, *, num_rows: int, pool_fingerprint: str | None = None) -> tuple[np.ndarray, dict]:
+def load_embeddings(
+    path: str | Path, *, num_rows: int, pool_fingerprint: str | None = None
+) -> tuple[np.ndarray, dict]:
     """Memory-map a float16/float32 `.npy` whose rows align with the pool's valid rows; check its sidecar."""
     path = Path(path)
     if not path.exists():

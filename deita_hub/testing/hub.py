@@ -502,6 +502,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # dispatch --------------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        with self.hub._lock:
+            self.hub._in_flight += 1
+        try:
+            self._dispatch_request()
+        finally:
+            with self.hub._lock:
+                self.hub._in_flight -= 1
+
+    def _dispatch_request(self) -> None:
         self._body: bytes | None = None
         method = self.command
         split = urlsplit(self.path)
@@ -536,7 +545,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": err.message.replace("\n", " ")[:500], **err.headers}
             if err.code:
                 headers["X-Error-Code"] = err.code
-            self._send(_json({"error": err.message, **err.extra}, err.status, headers))
+            self._send_quietly(_json({"error": err.message, **err.extra}, err.status, headers))
         except (BrokenPipeError, ConnectionResetError):
             status = 499  # the client went away (e.g. it timed out during an injected delay)
             self.close_connection = True
@@ -544,10 +553,17 @@ class _Handler(BaseHTTPRequestHandler):
             logger.exception("test hub server error on %s %s", method, self.path)
             status = 500
             self._read_body_quietly()
-            self._send(_json({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500))
+            self._send_quietly(_json({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500))
         finally:
             if endpoint != "admin":
                 self.hub._log_request(method, split.path, endpoint, status, route.repo_id if route else None)
+
+    def _send_quietly(self, response: Response) -> None:
+        """Send an error answer to a client that may have given up already (a late answer after a delay)."""
+        try:
+            self._send(response)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
     def _read_body_quietly(self) -> None:
         try:
@@ -803,7 +819,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _ep_preupload(self, method, route):
         self._repo(route, write=True)
         body = self._json_body()
-        _, commit = self._commit_at(route, route.revision)
+        sha, commit = self._commit_at(route, route.revision)
         patterns = self._lfs_patterns(commit)
         ignore = [p.strip() for p in (body.get("gitIgnore") or "").splitlines() if p.strip() and p[0] != "#"]
         out = []
@@ -821,9 +837,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "oid": oid,
                 }
             )
-        return _json(
-            {"files": out, "commitOid": self.hub.store.resolve(route.repo_type, route.repo_id, "main")}
-        )
+        return _json({"files": out, "commitOid": sha})
 
     def _lfs_signature(self, sha256: str, size: int) -> str:
         return hmac.new(self.hub.store.lfs_secret, f"{sha256}:{size}".encode(), "sha256").hexdigest()
@@ -1177,6 +1191,7 @@ class HubServer:
         self.requests: list[dict] = []
         self.public_url = public_url
         self._lock = threading.Lock()
+        self._in_flight = 0
         self._stopping = threading.Event()
         handler = type("Handler", (_Handler,), {"hub": self})
         self._httpd = ThreadingHTTPServer((host, port), handler)
@@ -1254,6 +1269,16 @@ class HubServer:
                     "time": time.time(),  # when the answer went out (or the connection was dropped)
                 }
             )
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no request is being handled (e.g. one stalled by a delay fault after its client gave up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._in_flight == 0:
+                    return True
+            time.sleep(0.02)
+        return False
 
     def clear_requests(self) -> None:
         with self._lock:

@@ -374,10 +374,22 @@ def _callback(recorder: _RunRecorder, uploader: CheckpointUploader | None):
     return DeitaHubCallback()
 
 
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class DeitaSFTTrainer(SFTTrainer):
+        """TRL's SFTTrainer without TRL's own model card: TRL writes one into OUTPUT_DIR at every save, with
+        `base_model` dropped for local paths; deita-hub renders its card from deita_run.json instead."""
+
+        def create_model_card(self, *args, **kwargs) -> None:
+            return None
+
+    return DeitaSFTTrainer
+
+
 def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=None):
     """Everything up to `trainer.train()`; returns (trainer, recorder, uploader, data). Used by `train` and tests."""
     import torch
-    from trl import SFTTrainer
 
     from deita_hub.training.data import load_train_data
 
@@ -402,7 +414,7 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
     args = sft_config(
         config, gradient_accumulation_steps=accumulation, has_eval=data.eval is not None, cuda=cuda
     )
-    trainer = SFTTrainer(
+    trainer = _trainer_class()(
         model=model_path,
         args=args,
         train_dataset=data.train,

@@ -1,0 +1,112 @@
+"""Deita's last-token embeddings: length-bucketed batches vs batch size 1 (what Deita ran), same model and rows.
+
+Both sides are `LastTokenEmbedder` (Vicuna text + BOS, final hidden state at the last real token); only the batch
+size differs. Vectors must agree to 1e-4; the script prints both timings and the ratio.
+
+    python benchmarks/embed.py                      # random 4-layer 512-wide LLaMA, 192 conversations
+    python benchmarks/embed.py --rows 384 --batch-size 32 --device cuda --dtype bfloat16
+
+Everything is offline: random weights from a config, the Llama-2 tokenizer from the `wordllama` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+WORDS = (
+    "the model data selection score quality complexity answer question explain write code function list table "
+    "history science river mountain city language music theory number proof example detail summary reason "
+    "step first second because therefore however compare contrast analyse design build test measure improve "
+    "short long simple careful clear polite helpful assistant user story poem email letter plan recipe travel"
+).split()
+
+
+def make_rows(n: int, seed: int) -> list[list[dict[str, str]]]:
+    """One (instruction, response) pair per row, each 10-200 words."""
+    rng = random.Random(seed)
+
+    def text():
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 200)))
+
+    return [[{"role": "user", "content": text()}, {"role": "assistant", "content": text()}] for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--block", type=int, default=64, help="rows per interleaved timing block")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from deita_hub.embedding import EmbedConfig
+    from deita_hub.embedding.last_token import LastTokenEmbedder
+    from deita_hub.testing.tiny import save_tiny_model
+
+    rows = make_rows(args.rows, args.seed)
+    with tempfile.TemporaryDirectory() as folder:
+        heads = max(args.hidden // 64, 1)
+        save_tiny_model(
+            folder,
+            "llama",
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=heads,
+            num_kv_heads=heads,
+            intermediate_size=int(args.hidden * 2.6875),
+        )
+
+        def embedder(batch_size: int) -> LastTokenEmbedder:
+            config = EmbedConfig(
+                method="last-token", model=folder, batch_size=batch_size, device=args.device, dtype=args.dtype
+            )
+            return LastTokenEmbedder(config)
+
+        batched, single = embedder(args.batch_size), embedder(1)
+        lengths = [len(ids) for ids in batched.tokenize(rows)]
+        print(
+            f"model: random LLaMA {args.layers} layers x {args.hidden} wide; {args.rows} conversations of "
+            f"{min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}); device {args.device}, {args.dtype}, "
+            f"torch threads {torch.get_num_threads()}"
+        )
+        batched.encode(rows[:8])  # warm-up
+        single.encode(rows[:4])
+
+        # Interleaved blocks (alternating which goes first) so that load from other processes falls on both alike.
+        ours, theirs, ours_s, theirs_s = [], [], 0.0, 0.0
+        for k, start in enumerate(range(0, len(rows), args.block)):
+            block = rows[start : start + args.block]
+            for side in ("ours", "theirs") if k % 2 == 0 else ("theirs", "ours"):
+                begin = time.perf_counter()
+                if side == "ours":
+                    ours.append(batched.encode(block))
+                    ours_s += time.perf_counter() - begin
+                else:
+                    theirs.append(single.encode(block))
+                    theirs_s += time.perf_counter() - begin
+        diff = float(np.max(np.abs(np.concatenate(ours) - np.concatenate(theirs))))
+        print(f"batch size 1 (Deita's way): {theirs_s:8.2f} s  {args.rows / theirs_s:7.1f} rows/s")
+        print(
+            f"length-bucketed batches of {args.batch_size} (sorted per {args.block}-row block): {ours_s:8.2f} s  "
+            f"{args.rows / ours_s:7.1f} rows/s"
+        )
+        print(f"max |vector difference| {diff:.2e} (must be <= 1e-4)")
+        print(f"speed-up over batch size 1: {theirs_s / ours_s:.2f}x")
+        if diff > 1e-4:
+            raise SystemExit("vectors differ by more than 1e-4")
+
+
+if __name__ == "__main__":
+    main()

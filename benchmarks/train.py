@@ -1,0 +1,201 @@
+"""Training throughput and memory: deita-hub's batching vs TRL's padded default, same model, data and steps.
+
+    python benchmarks/train.py                      # CPU: tiny random Mistral, synthetic ShareGPT pool
+    python benchmarks/train.py --model mistralai/Mistral-7B-v0.1 --method qlora --max-length 2048 \\
+        --batch 4 --bf16 --gradient-checkpointing --dataset hkust-nlp/deita-6k-v0      # GPU
+
+Variants (all through `deita_hub.training.trainer.build_trainer`, i.e. TRL's SFTTrainer):
+- `padded`: TRL's default collator: every micro-batch padded to its longest conversation (the baseline);
+- `padding_free` (deita-hub's default): the micro-batch concatenated without pad tokens, per-conversation
+  position_ids: the same loss and gradients, less compute;
+- `packed`: conversations packed into rows of max_length (BFD): a different batch semantics (see TrainConfig).
+
+Each variant runs in its own child process so that its peak memory is its own: peak GPU memory
+(`torch.cuda.max_memory_allocated`) on a GPU, otherwise the growth of peak RSS during training. Throughput is
+real (non-pad) tokens per second over the timed steps (the first step, warm-up, is not timed). Ratios are
+printed against `padded`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "padded": {"padding_free": False, "packing": False},
+    "padding_free": {"padding_free": True, "packing": False},
+    "packed": {"padding_free": True, "packing": True},
+}
+WORDS = "the a model data answer question token select score quality diverse sample train loss step".split()
+
+
+def synthetic_pool(path: Path, rows: int, seed: int) -> Path:
+    """ShareGPT rows with a long-tailed length mix (lognormal replies, 1-3 turns), like instruction data."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(rows):
+            turns = []
+            for _ in range(rng.choice([1, 1, 2, 3])):
+                question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
+                reply = " ".join(
+                    rng.choice(WORDS) for _ in range(min(1500, int(rng.lognormvariate(4.2, 0.9))))
+                )
+                turns += [{"from": "human", "value": question}, {"from": "gpt", "value": reply}]
+            handle.write(json.dumps({"id": str(i), "conversations": turns}) + "\n")
+    return path
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """Child process: train `args.steps` steps of one variant, report tokens/s and peak memory."""
+    import torch
+    from transformers import TrainerCallback
+
+    from deita_hub.training.config import TrainConfig
+    from deita_hub.training.trainer import build_trainer
+
+    cuda = torch.cuda.is_available()
+    config = TrainConfig(
+        method=args.method,
+        model=args.model,
+        dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        output_dir=args.output_dir,
+        max_length=args.max_length,
+        per_device_train_batch_size=args.batch,
+        total_train_batch_size=args.batch,
+        max_steps=args.steps,
+        save_steps=10**9,
+        logging_steps=1,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attn_implementation=args.attn,
+        learning_rate=1e-4,
+        **VARIANTS[args.variant],
+    )
+    timings: dict[str, float] = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            if state.global_step == 1:  # warm-up step excluded
+                timings["start"] = time.perf_counter()
+                timings["tokens_start"] = trainer._total_train_tokens
+            timings["end"] = time.perf_counter()
+            timings["tokens_end"] = trainer._total_train_tokens
+
+    trainer, *_ = build_trainer(config, extra_callbacks=[Timer()])
+    rss_before = _current_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    seconds = timings["end"] - timings["start"]
+    tokens = timings["tokens_end"] - timings["tokens_start"]
+    peak = torch.cuda.max_memory_allocated() if cuda else max(0, _peak_rss() - rss_before)
+    return {
+        "variant": args.variant,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_memory_bytes": peak,
+        "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS growth during training",
+        "final_loss": trainer.state.log_history[-2].get("loss"),
+    }
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny:mistral")
+    parser.add_argument("--method", default="full", choices=["full", "lora", "qlora"])
+    parser.add_argument("--dataset", default=None, help="default: a synthetic pool of --rows conversations")
+    parser.add_argument("--dataset-config", default=None)
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument(
+        "--steps", type=int, default=6, help="optimizer steps per variant (the first is warm-up)"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="per-device batch (TRL's default: 8)")
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--variants", default="padded,padding_free,packed")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.variant:  # child
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = args.dataset or str(synthetic_pool(Path(tmp) / "pool.jsonl", args.rows, seed=0))
+        results = []
+        for variant in args.variants.split(","):
+            command = [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--output-dir",
+                str(Path(tmp) / variant),
+            ]
+            command += ["--model", args.model, "--method", args.method, "--dataset", dataset]
+            command += [
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--max-length",
+                str(args.max_length),
+            ]
+            command += ["--attn", args.attn] + ["--bf16"] * args.bf16
+            command += ["--gradient-checkpointing"] * args.gradient_checkpointing
+            if args.dataset_config:
+                command += ["--dataset-config", args.dataset_config]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
+            results.append(json.loads(lines[-1][len("RESULT ") :]))
+
+    base = next((r for r in results if r["variant"] == "padded"), results[0])
+    print(
+        f"model {args.model} ({args.method}), per-device batch {args.batch}, max_length {args.max_length}, "
+        f"{args.steps - 1} timed steps, device {results[0]['device']}; memory = {results[0]['memory_kind']}"
+    )
+    print(f"{'variant':<14}{'tokens':>10}{'tokens/s':>12}{'x padded':>10}{'peak MiB':>11}{'x padded':>10}")
+    for r in results:
+        speed = r["tokens_per_s"] / base["tokens_per_s"]
+        memory = (
+            r["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else float("nan")
+        )
+        print(
+            f"{r['variant']:<14}{r['tokens']:>10}{r['tokens_per_s']:>12.1f}{speed:>10.2f}"
+            f"{r['peak_memory_bytes'] / 2**20:>11.1f}{memory:>10.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
