@@ -136,12 +136,14 @@ def main() -> None:
     parser.add_argument("--scan-rows", type=int, default=300_000)
     parser.add_argument("--scan-clusters", type=int, default=3000)
     parser.add_argument("--skip-scan", action="store_true")
+    parser.add_argument("--skip-side-by-side", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         full_scan_child(args.child, args.budget, args.max_similarity)
         return
-    side_by_side(args.rows, args.dim, args.budget, args.max_similarity)
+    if not args.skip_side_by_side:
+        side_by_side(args.rows, args.dim, args.budget, args.max_similarity)
     if not args.skip_scan:
         full_scan(args.scan_rows, args.dim, args.scan_clusters, args.budget, args.max_similarity)
 

@@ -128,12 +128,12 @@ def main() -> None:
     parser.add_argument("--method", default="full", choices=["full", "lora", "qlora"])
     parser.add_argument("--dataset", default=None, help="default: a synthetic pool of --rows conversations")
     parser.add_argument("--dataset-config", default=None)
-    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=96)
     parser.add_argument(
         "--steps", type=int, default=6, help="optimizer steps per variant (the first is warm-up)"
     )
     parser.add_argument("--batch", type=int, default=8, help="per-device batch (TRL's default: 8)")
-    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--attn", default="sdpa")

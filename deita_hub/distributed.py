@@ -97,10 +97,11 @@ def ray_score(
     config,
     *,
     on_rows: Callable[[list[dict[str, Any]]], None],
+    on_metadata: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Score `rows` of `conversations` on Ray; `on_rows(records)` receives results as batches finish.
 
-    Returns the backend metadata reported by the actors.
+    Returns the backend metadata reported by the actors (also handed to `on_metadata` as soon as it arrives).
     """
     ray = _ray()
     compute, resources = _actor_pool(ray, config.ray_actors)
@@ -114,9 +115,14 @@ def ray_score(
     )
     metadata: dict[str, Any] | None = None
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        if metadata is None:
+            metadata = next((json.loads(m) for m in batch["meta"] if m), None)
+            if metadata is not None:
+                metadata["ray"] = {"actors": compute.min_size, "resources_per_actor": resources}
+                if on_metadata:
+                    on_metadata(metadata)
         on_rows([json.loads(text) for text in batch["record"]])
-        metadata = metadata or next((json.loads(m) for m in batch["meta"] if m), None)
-    return {**(metadata or {}), "ray": {"actors": compute.min_size, "resources_per_actor": resources}}
+    return metadata or {"ray": {"actors": compute.min_size, "resources_per_actor": resources}}
 
 
 def ray_embed(conversations: Sequence[Any], config) -> tuple[np.ndarray, dict[str, Any]]:

@@ -186,6 +186,11 @@ class _Matmul:
         self.torch = torch
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu":
+            log.warning(
+                "%s matrix products on the CPU are far slower than fp32 (no bf16/fp16 units): use fp32",
+                precision,
+            )
         self.selected_fast = torch.empty((capacity, dim), dtype=self.dtype, device=self.device)
 
     def add(self, k: int, rows: np.ndarray) -> None:
@@ -203,6 +208,34 @@ class _Matmul:
             return rows @ rows.T
         fast = self.torch.from_numpy(rows).to(self.device, self.dtype)
         return (fast @ fast.T).float().cpu().numpy()
+
+
+SKETCH_WIDTH = (
+    128  # random-projection width: cosine error ~ 1/sqrt(128) ~ 0.09, plenty to find a near-duplicate
+)
+SKETCH_MIN_SELECTED = 256  # below this the full product is cheap anyway
+
+
+class _Sketch:
+    """A random projection of the selected rows, used only to *guess* which selected row rejects a candidate.
+
+    A guess is confirmed with the candidate's real similarity before it rejects anything, and every unconfirmed
+    candidate still goes through the full product, so decisions stay exact; the sketch only saves the full
+    product for rows a near-duplicate already rejects (most rows of a redundant pool).
+    """
+
+    def __init__(self, dim: int, capacity: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.projection = (rng.standard_normal((dim, SKETCH_WIDTH)) / np.sqrt(SKETCH_WIDTH)).astype(
+            np.float32
+        )
+        self.selected = np.empty((capacity, SKETCH_WIDTH), dtype=np.float32)
+
+    def add(self, k: int, rows: np.ndarray) -> None:
+        self.selected[k : k + len(rows)] = rows @ self.projection
+
+    def guess(self, block: np.ndarray, k: int) -> np.ndarray:
+        return ((block @ self.projection) @ self.selected[:k].T).argmax(axis=1)
 
 
 def deita_select(
@@ -226,7 +259,8 @@ def deita_select(
     nearest_sim = np.full(budget, np.nan, dtype=np.float64)
     fast = _Matmul(config.precision, config.device, dim, budget)
     scanned_at = np.zeros(budget, dtype=np.int64)
-    k = rechecked = 0
+    k = rechecked = sketch_rejected = 0
+    sketch = _Sketch(dim, budget) if config.precision == "fp32" and dim >= 4 * SKETCH_WIDTH else None
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return b.astype(np.float64) @ a.astype(np.float64)
@@ -243,18 +277,30 @@ def deita_select(
         raw = np.empty((len(block_pos), dim), dtype=embeddings.dtype)
         raw[file_order] = embeddings[block_pos[file_order]]
         block = _unit_rows(raw, block_pos)
+        best = np.full(len(block), -1)
+        best_sim = np.full(len(block), -np.inf)
+        sims, sims_row = None, None
         if k:
-            sims = fast.against_selected(block, selected, k)  # [b, k]
-            best = sims.argmax(axis=1)
-            best_sim = sims[np.arange(len(block)), best]
-        else:
-            sims = None
-            best = np.full(len(block), -1)
-            best_sim = np.full(len(block), -np.inf)
+            full = np.arange(len(block))
+            if sketch is not None and k >= SKETCH_MIN_SELECTED:
+                # Most candidates of a redundant pool are rejected by one selected row: guess it from the sketch,
+                # confirm with the real product, and send only the unconfirmed rows through the full product.
+                guess = sketch.guess(block, k)
+                guess_sim = np.einsum("ij,ij->i", block, selected[guess])
+                confirmed = guess_sim > threshold + band
+                best[confirmed], best_sim[confirmed] = guess[confirmed], guess_sim[confirmed]
+                full = np.flatnonzero(~confirmed)
+                sketch_rejected += int(confirmed.sum())
+            sims = fast.against_selected(block[full], selected, k)  # [len(full), k]
+            sims_row = np.full(len(block), -1)
+            sims_row[full] = np.arange(len(full))
+            if len(full):
+                top = sims.argmax(axis=1)
+                best[full], best_sim[full] = top, sims[np.arange(len(full)), top]
         alive = best_sim <= threshold + band
         # Near the threshold the fast value cannot decide: recompute the close pairs in float64.
         for i in np.flatnonzero(alive & (best_sim > threshold - band)):
-            close = np.flatnonzero(sims[i] > threshold - band)
+            close = np.flatnonzero(sims[sims_row[i]] > threshold - band)
             rechecked += 1
             if (exact(block[i], selected[close]) > threshold).any():
                 alive[i] = False
@@ -291,6 +337,8 @@ def deita_select(
             k += 1
         if accepted:
             fast.add(k - len(accepted), block[survivors[accepted]])
+            if sketch is not None:
+                sketch.add(k - len(accepted), block[survivors[accepted]])
             bar.update(len(accepted))
     bar.close()
     scanned = int(scanned_at[k - 1]) if k == budget else n
@@ -299,6 +347,7 @@ def deita_select(
         "scanned": scanned,
         "rejected": scanned - k,
         "rechecked_in_fp64": rechecked,
+        "rejected_via_sketch": sketch_rejected,
         "pool_rows": n,
         "budget": config.budget,
         "max_similarity": threshold,

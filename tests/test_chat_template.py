@@ -164,3 +164,50 @@ def test_conversation_cut_before_any_reply_is_dropped(tmp_path, tokenizer):
     data = load_train_data(config, llama2_tokenizer())
     assert (data.num_truncated, data.num_dropped, len(data.train)) == (1, 1, 1)
     assert data.record["id"] == "pool.jsonl" and data.record["num_rows"] == 2
+
+
+def test_built_dataset_folder_loads_its_subset_and_selection_summary(tmp_path, tokenizer):
+    """A `deita-hub build` folder (Hub layout: README `configs:`, DIR/<config>/train-*.parquet, deita_build.json)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deita_hub.training.config import TrainConfig
+    from deita_hub.training.data import load_train_data
+
+    folder = tmp_path / "deita-tiny"
+    subsets = {"6k": [MULTI_TURN, WITH_SYSTEM], "10k": [MULTI_TURN, WITH_SYSTEM, LONG]}
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    configs = ""
+    for i, (name, conversations) in enumerate(subsets.items()):
+        configs += f"- config_name: {name}\n" + ("  default: true\n" if i == 0 else "")
+        configs += f"  data_files:\n  - split: train\n    path: {name}/train-*\n"
+        rows = [
+            {
+                "id": str(j),
+                "conversations": [{"from": names[t["role"]], "value": t["content"]} for t in turns],
+            }
+            for j, turns in enumerate(conversations)
+        ]
+        (folder / name).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), folder / name / "train-00000-of-00001.parquet")
+    (folder / "README.md").write_text(f"---\nconfigs:\n{configs}---\n# test\n")
+    build = {
+        "name": "deita-tiny",
+        "pool": {"fingerprint": "sha256:abc"},
+        "subsets": [
+            {"name": "6k", "default": True, "selection": {"method": "deita", "budget": 2}, "rows": 2},
+            {"name": "10k", "default": False, "selection": {"method": "deita", "budget": 3}, "rows": 3},
+        ],
+    }
+    (folder / "deita_build.json").write_text(json.dumps(build))
+
+    data = load_train_data(TrainConfig(dataset=str(folder), dataset_config="10k", bf16=False), tokenizer)
+    assert len(data.train) == 3
+    assert data.train[2]["input_ids"] == reference_mask(tokenizer, LONG)[0]
+    record = data.record
+    assert (record["id"], record["config"], record["num_rows"]) == ("deita-tiny", "10k", 3)
+    assert record["build"]["subset"] == "10k" and record["build"]["selection"] == {
+        "method": "deita",
+        "budget": 3,
+    }
+    assert record["build"]["pool_fingerprint"] == "sha256:abc"

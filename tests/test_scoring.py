@@ -12,8 +12,17 @@ import torch
 from click.testing import CliRunner
 
 from deita_hub.cli import cli
+from deita_hub.conversations import FormatSpec
 from deita_hub.errors import DeitaHubError
-from deita_hub.scoring import ScoreConfig, make_scorer, prompts, score_conversations, truncate_prompt
+from deita_hub.pool import read_pool
+from deita_hub.scoring import (
+    ScoreConfig,
+    checkpoint_dir,
+    make_scorer,
+    prompts,
+    score_conversations,
+    truncate_prompt,
+)
 from deita_hub.testing.tiny import llama2_tokenizer, save_tiny_model, tiny_causal_lm
 
 LLAMA_DIGITS = [29896, 29906, 29941, 29946, 29945, 29953]
@@ -521,3 +530,46 @@ def test_vllm_backend_matches_transformers(tmp_path):
     assert vllm_result.failures == [] and vllm_result.metadata["backend"] == "vllm"
     for got, want in zip(vllm_result.scores, reference.scores, strict=True):
         assert np.allclose(got, want, atol=1e-3)
+
+
+def test_cli_resumes_an_interrupted_run(llama_dir, tmp_path):
+    pool, out = tmp_path / "pool.jsonl", tmp_path / "scored.jsonl"
+    _write_pool(pool, ROWS)
+    config = ScoreConfig(scorer="complexity", model=str(llama_dir), batch_size=2)
+    conversations = read_pool(pool, FormatSpec()).conversations
+    with pytest.raises(KeyboardInterrupt):
+        score_conversations(
+            conversations,
+            config,
+            progress=False,
+            scorer=CountingScorer(make_scorer(config), interrupt_after=1),
+            resume_dir=checkpoint_dir(out),
+        )
+    assert not out.exists() and checkpoint_dir(out).exists()
+    args = ["score", str(pool), "--scorer", "complexity", "--model", str(llama_dir), "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 resumed" in result.output and not checkpoint_dir(out).exists()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = score_conversations(ROWS, config, progress=False)
+    for row, want in zip(rows, expected.scores, strict=True):
+        assert row["complexity_scores"] == pytest.approx(want, abs=1e-6)
+
+
+def test_cli_unknown_model_is_a_clean_error(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    _write_pool(pool, ROWS[:1])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "score",
+            str(pool),
+            "--scorer",
+            "quality",
+            "--model",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+    )
+    assert result.exit_code == 1 and "cannot load the tokenizer" in result.output

@@ -185,3 +185,19 @@ def test_real_pool_embedded_with_minilm_matches_reference():
         )
         assert got.positions.tolist() == expected
     assert len(reference_select(emb, scores, 100, 0.8)) < 100  # templated near-duplicates are rejected
+
+
+def test_sketch_path_is_exact_on_wide_redundant_data():
+    """Wide vectors and >256 selected rows switch on the random-projection guess; decisions must not change."""
+    rng = np.random.default_rng(5)
+    n, dim, clusters = 1400, 512, 400
+    centres = rng.normal(size=(clusters, dim))
+    emb = (centres[rng.integers(0, clusters, n)] + rng.normal(scale=0.3, size=(n, dim))).astype(np.float32)
+    scores = rng.integers(0, 5, n).astype(np.float64)
+    for max_similarity in (0.85, 0.9):
+        expected = reference_select(emb, scores, 1000, max_similarity)
+        got = deita_select(
+            emb, scores, SelectionConfig(budget=1000, max_similarity=max_similarity, block_size=128)
+        )
+        assert got.positions.tolist() == expected
+        assert got.stats["rejected_via_sketch"] > 0

@@ -193,6 +193,27 @@ def test_qlora_trains_on_cpu_with_a_4bit_base(tmp_path):
     }
 
 
+def test_pushed_files_are_the_model_not_the_resume_state(lora_run, tmp_path):
+    from deita_hub.training.push import stage
+
+    staged = stage(lora_run.output_dir / "checkpoint-2", tmp_path / "staged", base_model="tiny-mistral")
+    names = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "deita_run.json", "README.md"} <= names
+    assert not names & {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "training_args.bin",
+        "trainer_state.json",
+    }
+    # the local base path in adapter_config.json becomes the record's base model
+    local = json.loads((lora_run.output_dir / "checkpoint-2" / "adapter_config.json").read_text())
+    assert Path(local["base_model_name_or_path"]).is_dir()
+    assert (
+        json.loads((staged / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-mistral"
+    )
+
+
 # --- batching ----------------------------------------------------------------------------------------------------
 
 
@@ -240,19 +261,19 @@ def test_resume_continues_from_the_last_complete_checkpoint(tmp_path):
     from deita_hub.training.trainer import train
 
     pool = write_pool(tmp_path / "pool.jsonl", varied_conversations(8))
-    straight = train(
-        tiny_config(tmp_path, pool, output_dir=str(tmp_path / "straight"), max_steps=4, learning_rate=1e-3)
-    )
+    settings = dict(max_steps=4, learning_rate=1e-3, eval_ratio=0.25)  # 6 rows train, 2 held out
+    straight = train(tiny_config(tmp_path, pool, output_dir=str(tmp_path / "straight"), **settings))
     reference = losses(straight.final_dir)
+    results = json.loads((straight.final_dir / "deita_run.json").read_text())["results"]
+    assert [e["step"] for e in results["log_history"] if "eval_loss" in e] == [2, 4]  # eval at every save
+    assert results["eval_loss"] == [e["eval_loss"] for e in results["log_history"] if "eval_loss" in e][-1]
 
     class Crash(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 raise KeyboardInterrupt("killed during step 4")
 
-    config = tiny_config(
-        tmp_path, pool, output_dir=str(tmp_path / "crashed"), max_steps=4, learning_rate=1e-3
-    )
+    config = tiny_config(tmp_path, pool, output_dir=str(tmp_path / "crashed"), **settings)
     with pytest.raises(KeyboardInterrupt):
         train(config, extra_callbacks=[Crash()])
     run = Path(config.output_dir)
@@ -271,6 +292,12 @@ def test_resume_continues_from_the_last_complete_checkpoint(tmp_path):
     # same data order, same optimizer state: steps 3 and 4 repeat the uninterrupted run's losses
     assert losses(resumed.final_dir) == pytest.approx(reference, abs=1e-4)
     assert is_complete_checkpoint(run / "checkpoint-4")
+    # resuming a finished run trains no further step (the Trainer alone would run one more): final = last checkpoint
+    weights = (run / "final" / "model.safetensors").read_bytes()
+    again = train(config, resume=True)
+    assert (again.resumed_from, again.global_step) == (4, 4)
+    assert (run / "final" / "model.safetensors").read_bytes() == weights
+    assert json.loads((run / "final" / "deita_run.json").read_text())["results"]["global_step"] == 4
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

@@ -112,10 +112,10 @@ class LastTokenEmbedder:
         engine_fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
         pooler_fields = {f.name for f in dataclasses.fields(PoolerConfig)}
         # LAST pooling without normalisation. The option names moved between vLLM releases (runner/convert
-        # replaced task in 0.10.1; use_activation replaces normalize; pooler_config replaced
-        # override_pooler_config), so the names this vLLM knows are used.
+        # replaced task in 0.10.1; use_activation took over from normalize; pooler_config replaced
+        # override_pooler_config), so the names this vLLM knows are used; encode() checks the result.
         pooler: dict[str, Any] = {"pooling_type": "LAST"}
-        pooler["use_activation" if "use_activation" in pooler_fields else "normalize"] = False
+        pooler.update({name: False for name in ("normalize", "use_activation") if name in pooler_fields})
         kwargs: dict[str, Any] = {
             "model": self.config.model,
             "dtype": self.dtype,

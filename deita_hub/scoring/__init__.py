@@ -269,8 +269,6 @@ def score_rows(
             texts.append(prompts.render(config.scorer, values))
             slots.append(values)
             owners.append((row, j))
-    if finished:
-        on_rows(finished)
     # Batch tokenization (the fast tokenizer runs it in parallel); BOS as the tokenizer adds it, like Deita.
     token_ids = [list(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
     items = []  # (row, pair, ids)
@@ -282,15 +280,20 @@ def score_rows(
                 )
                 state[row]["truncated"] += 1
             except PairFailure as exc:
-                _settle(state, row, j, None, str(exc), on_rows)
+                _settle(state, row, j, None, str(exc), finished)
                 continue
         items.append((row, j, ids))
+    if finished:
+        on_rows(finished)
     # Longest first: similar lengths share a batch (little padding) and memory peaks on the first batch.
     items.sort(key=lambda item: -len(item[2]))
     step = len(items) if scorer.batches_itself else config.batch_size
     for start in range(0, len(items), max(step, 1)):
-        batch = items[start : start + step]
+        batch = [item for item in items[start : start + step] if item[0] in state]  # skip rows already failed
+        if not batch:
+            continue
         logits, reasons = _digit_logits(scorer, [ids for _, _, ids in batch])
+        finished = []
         for (row, j, _), z, reason in zip(batch, logits, reasons, strict=True):
             score = None
             if reason is None:
@@ -298,11 +301,13 @@ def score_rows(
                     score = prompts.expected_score(z)
                 except ValueError as exc:  # NaN/inf logits: a broken model or overflow, never a score
                     reason = str(exc)
-            _settle(state, row, j, score, reason, on_rows)
+            _settle(state, row, j, score, reason, finished)
+        if finished:
+            on_rows(finished)
 
 
-def _settle(state, row: int, pair: int, score: float | None, reason: str | None, on_rows) -> None:
-    """Record one pair's outcome; when it was the row's last pair, hand the row's record over."""
+def _settle(state, row: int, pair: int, score: float | None, reason: str | None, finished: list) -> None:
+    """Record one pair's outcome; when the row is complete (or has failed), append its record to `finished`."""
     entry = state.get(row)
     if entry is None:  # the row already failed and was handed over
         return
@@ -310,15 +315,15 @@ def _settle(state, row: int, pair: int, score: float | None, reason: str | None,
         entry["failure"] = {"row": row, "pair": pair, "reason": reason}
     entry["scores"][pair] = score
     entry["left"] -= 1
-    if entry["failure"] is not None or entry["left"] == 0:
+    if entry["failure"] is not None:
         del state[row]
-        if entry["failure"] is not None:
-            on_rows([entry["failure"]])
-        else:
-            record = {"row": row, "scores": entry["scores"]}
-            if entry["truncated"]:
-                record["truncated_pairs"] = entry["truncated"]
-            on_rows([record])
+        finished.append(entry["failure"])
+    elif entry["left"] == 0:
+        del state[row]
+        record = {"row": row, "scores": entry["scores"]}
+        if entry["truncated"]:
+            record["truncated_pairs"] = entry["truncated"]
+        finished.append(record)
 
 
 # --- resume ----------------------------------------------------------------------------------------------------
@@ -416,7 +421,13 @@ def score_conversations(
         if pending and config.use_ray:
             from deita_hub.distributed import ray_score
 
-            backend_meta = ray_score(conversations, pending, config, on_rows=on_rows)
+            backend_meta = ray_score(
+                conversations,
+                pending,
+                config,
+                on_rows=on_rows,
+                on_metadata=checkpoint.save_backend if checkpoint else None,
+            )
         elif pending:
             if scorer is None:
                 scorer = make_scorer(config)
@@ -427,8 +438,6 @@ def score_conversations(
             for start in range(0, len(pending), config.chunk_rows):
                 chunk = pending[start : start + config.chunk_rows]
                 score_rows(scorer, [(i, conversations[i]) for i in chunk], config, on_rows)
-    if checkpoint and config.use_ray and pending:
-        checkpoint.save_backend(backend_meta)
     seconds = time.perf_counter() - started
     scores: list[list[float] | None] = [None] * n
     failures = []

@@ -214,6 +214,11 @@ class TrainConfig:
     def is_tiny(self) -> bool:
         return self.model.startswith(TINY_PREFIX)
 
+    @property
+    def uses_padding_free(self) -> bool:
+        """Padding-free collation in effect: packing needs it; a micro-batch of one has no padding to remove."""
+        return self.packing or (self.padding_free and self.per_device_train_batch_size > 1)
+
     def resolved_model_dtype(self) -> str:
         if self.model_dtype != "auto":
             return self.model_dtype

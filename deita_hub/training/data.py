@@ -67,22 +67,43 @@ def _dataset_id(source: str) -> str:
 
 
 def _build_summary(config) -> dict[str, Any] | None:
-    """The selection summary of a dataset built by deita-hub (its `deita_build.json`), when it is local."""
+    """What selected the training subset, from the `deita_build.json` of a dataset built by deita-hub."""
     path = Path(config.dataset)
-    candidates = [path / BUILD_RECORD] if path.is_dir() else []
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                build = json.loads(candidate.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise DeitaHubError(f"{candidate}: invalid JSON: {exc.msg}") from exc
-            return build.get("selection") if isinstance(build, dict) else None
-    if not path.exists() and config.dataset.count("/") == 1:
-        return _hub_build_summary(config)
-    return None
+    build = None
+    if path.is_dir() and (path / BUILD_RECORD).is_file():
+        try:
+            build = json.loads((path / BUILD_RECORD).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DeitaHubError(f"{path / BUILD_RECORD}: invalid JSON: {exc.msg}") from exc
+    elif not path.exists() and config.dataset.count("/") == 1:
+        build = _hub_build_record(config)
+    return summarise_build(build, config.dataset_config) if isinstance(build, dict) else None
 
 
-def _hub_build_summary(config) -> dict[str, Any] | None:
+def summarise_build(build: dict[str, Any], subset_name: str | None) -> dict[str, Any] | None:
+    """The trained subset's entry of a build record: its selection parameters and statistics, the pool's
+    fingerprint, and how the pool was scored and embedded. The subset is `subset_name`, else the default one."""
+    subsets = [s for s in build.get("subsets") or [] if isinstance(s, dict)]
+    chosen = next((s for s in subsets if s.get("name") == subset_name), None)
+    if chosen is None and subset_name is None:
+        chosen = next((s for s in subsets if s.get("default")), subsets[0] if subsets else None)
+    if chosen is None:
+        return None
+    pool = build.get("pool") if isinstance(build.get("pool"), dict) else {}
+    return {
+        "name": build.get("name"),
+        "subset": chosen.get("name"),
+        "selection": chosen.get("selection"),
+        "rows": chosen.get("rows"),
+        "stats": chosen.get("stats"),
+        "evol_score": chosen.get("evol_score"),
+        "pool_fingerprint": pool.get("fingerprint"),
+        "scores": build.get("scores"),
+        "embedding": build.get("embedding"),
+    }
+
+
+def _hub_build_record(config) -> dict[str, Any] | None:
     """A Hub dataset built by deita-hub carries `deita_build.json`; others simply do not (None, not an error)."""
     try:
         from huggingface_hub import hf_hub_download
@@ -103,8 +124,15 @@ def _hub_build_summary(config) -> dict[str, Any] | None:
     except HfHubHTTPError as exc:  # the data itself loaded; a missing card detail must not stop training
         log.warning("could not read %s from %s: %s", BUILD_RECORD, config.dataset, exc)
         return None
-    build = json.loads(Path(local).read_text(encoding="utf-8"))
-    return build.get("selection") if isinstance(build, dict) else None
+    try:
+        return json.loads(Path(local).read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        log.warning(
+            "%s of %s is not valid JSON; the card will not describe the selection",
+            BUILD_RECORD,
+            config.dataset,
+        )
+        return None
 
 
 def load_train_data(config, tokenizer) -> TrainData:

@@ -38,8 +38,9 @@ def _pushable(path: Path) -> bool:
     return path.name not in LOCAL_ONLY and not path.name.startswith(LOCAL_ONLY_PREFIXES)
 
 
-def stage(folder: Path, staging: Path, *, base_model: str) -> Path:
-    """Hard-link (or copy) the pushable files of `folder` into `staging`; rewrite adapter_config's base path."""
+def stage(folder: Path, staging: Path, *, base_model: str | None) -> Path:
+    """Hard-link (or copy) the pushable files of `folder` into `staging`; with `base_model`, adapter_config.json's
+    base model path becomes `base_model`."""
     if staging.exists():
         shutil.rmtree(staging)
     for path in sorted(folder.rglob("*")):
@@ -48,7 +49,7 @@ def stage(folder: Path, staging: Path, *, base_model: str) -> Path:
             continue
         target = staging / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if rel.as_posix() == "adapter_config.json":
+        if base_model is not None and rel.as_posix() == "adapter_config.json":
             adapter = json.loads(path.read_text(encoding="utf-8"))
             adapter["base_model_name_or_path"] = base_model
             target.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ and TRL's own push is never used: uploads go through `deita_hub.hub` with the to
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -276,7 +277,7 @@ def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eva
         max_length=config.max_length if config.packing else None,
         packing=config.packing,
         packing_strategy="bfd",
-        padding_free=config.padding_free or config.packing,
+        padding_free=config.uses_padding_free,
         assistant_only_loss=False,
         model_init_kwargs=model_init_kwargs,
         push_to_hub=False,
@@ -315,7 +316,7 @@ def _hyperparameters(config: TrainConfig, args, *, distributed_type: str, device
         "max_length": config.max_length,
         "bf16": config.bf16,
         "packing": config.packing,
-        "padding_free": config.padding_free or config.packing,
+        "padding_free": config.uses_padding_free,
         "assistant_only_loss": True,
         "max_steps": config.max_steps,
     }
@@ -445,6 +446,59 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
     return trainer, recorder, uploader, data
 
 
+def _finished(checkpoint: Path, config: TrainConfig) -> bool:
+    """Whether `checkpoint` already ends the planned run (the Trainer, resumed there, would run one more step)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    if config.max_steps > 0:
+        return state["global_step"] >= config.max_steps
+    return (
+        state.get("num_train_epochs") == config.num_train_epochs
+        and state["global_step"] >= state["max_steps"]
+    )
+
+
+def _final_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResult:
+    """A run whose last checkpoint is its last step: OUTPUT_DIR/final is that checkpoint's model (and is pushed)."""
+    from deita_hub.training.push import push_model_folder, stage
+
+    out = Path(config.output_dir)
+    step = int(_CHECKPOINT_RE.match(checkpoint.name).group(1))
+    log.info("%s is the last step of this run: making it the final model", checkpoint.name)
+    record = run_record.read_record(checkpoint)
+    tmp = out / f".{FINAL_DIR}.tmp"
+    stage(checkpoint, tmp, base_model=None)  # the model files only, as pushed; adapter_config kept as is
+    if record is not None:
+        record.update(
+            hub_repo=config.push, model_name=config.push.split("/")[-1] if config.push else out.resolve().name
+        )
+        run_record.write_record(tmp, record)
+        run_record.write_card(tmp)
+    final = out / FINAL_DIR
+    old = out / f".{FINAL_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    result = TrainResult(
+        output_dir=out,
+        final_dir=final,
+        global_step=step,
+        train_loss=(record or {}).get("results", {}).get("train_loss"),
+        resumed_from=step,
+    )
+    if config.push:
+        try:
+            detail = push_model_folder(
+                final, config.push, private=config.push_private, base_model=record["base_model"],
+                message="deita-hub: final model",
+            )  # fmt: skip
+            result.pushes = [PushAttempt(None, True, detail)]
+        except DeitaHubError as exc:
+            result.pushes = [PushAttempt(None, False, str(exc))]
+    return result
+
+
 def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> TrainResult:
     """Train, checkpoint (and push) every `save_steps`, save OUTPUT_DIR/final (and push it)."""
     import yaml
@@ -459,9 +513,15 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
         from deita_hub.hub import check_token
 
         check_token()  # a missing or rejected token fails now, not after the first checkpoint
-    checkpoint = _prepare_output_dir(config, resume)
+    from accelerate import PartialState
+
+    # Under a multi-process launch the main process cleans OUTPUT_DIR (interrupted saves) before the others look.
+    with PartialState().main_process_first():
+        checkpoint = _prepare_output_dir(config, resume)
 
     out = Path(config.output_dir)
+    if checkpoint is not None and _finished(checkpoint, config):
+        return _final_from_checkpoint(config, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     trainer, recorder, uploader, _ = build_trainer(config, extra_callbacks=extra_callbacks)
     if trainer.is_world_process_zero():
