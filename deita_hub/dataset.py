@@ -121,7 +121,7 @@ def pool_scores(pool: Pool, recipe: Recipe, *, progress: bool = True) -> tuple[n
                 )
             for i, row_scores in zip(missing, result.scores, strict=True):
                 values[i] = row_scores
-            meta["scored_here"][kind] = {**result.metadata, "rows": len(missing)}
+            meta["scored_here"][kind] = {**result.metadata, "rows_scored_by_build": len(missing)}
             missing = []
         if missing:
             shown = ", ".join(str(int(pool.rows[i])) for i in missing[:10])

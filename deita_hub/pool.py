@@ -107,10 +107,11 @@ def _read_jsonl_rows(path: Path, on_invalid: str, invalid: list) -> list[Any]:
 
 def _table_from_rows(rows: list[dict], source: str) -> pa.Table:
     """Rows -> Arrow. A column whose rows disagree in type is named, with the first disagreeing row."""
+    # Every key of every row becomes a column (from_pylist would take the first row's keys only).
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     try:
-        return pa.Table.from_pylist(rows)
+        return pa.Table.from_pydict({name: [row.get(name) for row in rows] for name in columns})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        columns = list(dict.fromkeys(k for row in rows for k in row))
         for name in columns:
             values = [row.get(name) for row in rows]
             try:

@@ -272,3 +272,30 @@ def test_build_push_then_load_by_tag_in_a_fresh_process(tmp_path, hub_env, hub_s
     assert remote == local and set(remote) == {"small", "big", "random-50", "score-50", "longest-50"}
     history = hub_server.history("org/test-set")
     assert len(history) == 2  # the repo's initial commit, then the whole release in one commit
+
+
+def test_build_scores_and_embeds_what_is_missing_with_deita_models(tmp_path):
+    """A recipe naming scorer models and Deita's last-token embedder: build scores the unscored rows and embeds."""
+    from deita_hub.testing.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny-llama", "llama", seed=1)
+    rows, _ = make_pool(tmp_path, n=24)
+    for row in rows[:10]:  # the first ten rows lack scores: build scores them with the models
+        del row["complexity_scores"], row["quality_scores"]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(
+        tmp_path,
+        scores={"complexity_model": str(model), "quality_model": str(model), "batch_size": 4},
+        embedding={"method": "last-token", "model": str(model), "batch_size": 4, "max_length": 128},
+        selection={"max_similarity": 0.999},
+        configs=[{"name": "deita-8", "method": "deita", "budget": 8}],
+    )
+    result = build(recipe, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    record = result.record
+    assert set(record["scores"]["scored_here"]) == {"complexity", "quality"}
+    assert record["scores"]["scored_here"]["complexity"]["rows_scored_by_build"] == 10
+    assert record["embedding"]["method"] == "last-token" and record["embedding"]["pooling"] == "last non-pad token"
+    got = load_in_fresh_process(tmp_path / "out", "deita-8")["rows"]
+    assert len(got) == 8
+    evol = [r["evol_score"] for r in got]
+    assert evol == sorted(evol, reverse=True) and all(1.0 <= e for e in evol)

@@ -113,3 +113,9 @@ def test_glaive_toolcall_needs_an_explicit_role_map():
     assert len(pool) + len(pool.invalid) == 300
     assert "tools" in pool.table.column_names  # passthrough field kept
     assert len(pool) > 250
+
+
+def test_columns_missing_from_the_first_rows_are_kept(tmp_path):
+    rows = [dict(ROWS[0]), {**ROWS[1], "quality_scores": [4.5]}]
+    pool = read_pool(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert pool.table.column("quality_scores").to_pylist() == [None, [4.5]]
