@@ -294,7 +294,10 @@ def test_build_scores_and_embeds_what_is_missing_with_deita_models(tmp_path):
     record = result.record
     assert set(record["scores"]["scored_here"]) == {"complexity", "quality"}
     assert record["scores"]["scored_here"]["complexity"]["rows_scored_by_build"] == 10
-    assert record["embedding"]["method"] == "last-token" and record["embedding"]["pooling"] == "last non-pad token"
+    assert (
+        record["embedding"]["method"] == "last-token"
+        and record["embedding"]["pooling"] == "last non-pad token"
+    )
     got = load_in_fresh_process(tmp_path / "out", "deita-8")["rows"]
     assert len(got) == 8
     evol = [r["evol_score"] for r in got]
