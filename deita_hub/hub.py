@@ -31,6 +31,7 @@ write token (a 404).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -701,3 +702,35 @@ def _ensure_tag(api, repo_id, repo_type, tag, commit, policy, token, *, committe
     target = _retrying(f"listing the tags of {repo_id}", existing, policy, token)
     if target != commit:
         raise DeitaHubError(f"tagging {repo_id} {tag} failed after {policy.attempts} tries{note}")
+
+
+def read_json_file(
+    repo_id: str, filename: str, *, repo_type: str, revision: str | None = None
+) -> dict | None:
+    """A small JSON file of a repo (e.g. a dataset's `deita_build.json`), or None when it is absent or unreadable.
+
+    For optional details only (card provenance): a failure is logged, never raised.
+    """
+    hf = _huggingface_hub()
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        local = hf.hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision)
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+        return None
+    except HfHubHTTPError as exc:
+        logger.warning(
+            "could not read %s from %s: %s", filename, repo_id, _scrub(str(exc), os.environ.get("HF_TOKEN"))
+        )
+        return None
+    try:
+        data = json.loads(Path(local).read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        logger.warning("%s of %s is not valid JSON; ignored", filename, repo_id)
+        return None
+    return data if isinstance(data, dict) else None

@@ -272,6 +272,13 @@ def test_build_push_then_load_by_tag_in_a_fresh_process(tmp_path, hub_env, hub_s
     assert remote == local and set(remote) == {"small", "big", "random-50", "score-50", "longest-50"}
     history = hub_server.history("org/test-set")
     assert len(history) == 2  # the repo's initial commit, then the whole release in one commit
+    probe = (
+        "from deita_hub.hub import read_json_file as r; "
+        "print(r('org/test-set', 'deita_build.json', repo_type='dataset', revision='v1.0')['name'], "
+        "r('org/test-set', 'absent.json', repo_type='dataset'), r('org/nope', 'deita_build.json', repo_type='dataset'))"
+    )
+    read = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=hub_env)
+    assert read.stdout.split() == ["test-set", "None", "None"], read.stderr
 
 
 def test_build_scores_and_embeds_what_is_missing_with_deita_models(tmp_path):

@@ -350,7 +350,7 @@ def test_dataset_release_steps_publish_the_demo_to_the_local_hub(
     result = _run_step(step, {**env, **step_env}, checkout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert hub_token not in result.stdout + result.stderr
-    assert "tagged v1.0" in result.stdout
+    assert "tag v1.0 -> " in result.stdout
 
     refs = hub_server.refs("deita-tester/demo")
     assert refs is not None and refs["tags"]["v1.0"] == refs["branches"]["main"]

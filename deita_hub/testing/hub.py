@@ -38,6 +38,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -1340,6 +1341,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"deita-hub test Hub serving {Path(args.root).resolve()} at {server.url} (users: {users})", flush=True
     )
+    # Ctrl-C and SIGTERM both stop the server cleanly. SIGINT's handler is set explicitly because a process started
+    # in the background by a non-interactive shell inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

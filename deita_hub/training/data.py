@@ -105,34 +105,9 @@ def summarise_build(build: dict[str, Any], subset_name: str | None) -> dict[str,
 
 def _hub_build_record(config) -> dict[str, Any] | None:
     """A Hub dataset built by deita-hub carries `deita_build.json`; others simply do not (None, not an error)."""
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-        )
-    except ImportError:  # pragma: no cover - huggingface_hub is a core dependency
-        return None
-    try:
-        local = hf_hub_download(
-            config.dataset, BUILD_RECORD, repo_type="dataset", revision=config.dataset_revision
-        )
-    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
-        return None
-    except HfHubHTTPError as exc:  # the data itself loaded; a missing card detail must not stop training
-        log.warning("could not read %s from %s: %s", BUILD_RECORD, config.dataset, exc)
-        return None
-    try:
-        return json.loads(Path(local).read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        log.warning(
-            "%s of %s is not valid JSON; the card will not describe the selection",
-            BUILD_RECORD,
-            config.dataset,
-        )
-        return None
+    from deita_hub.hub import read_json_file
+
+    return read_json_file(config.dataset, BUILD_RECORD, repo_type="dataset", revision=config.dataset_revision)
 
 
 def load_train_data(config, tokenizer) -> TrainData:
