@@ -9,7 +9,18 @@ import numpy as np
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process.
+
+    Linux: VmHWM from /proc, the high-water mark of this program's own address space. getrusage's ru_maxrss
+    would be wrong in a child: it survives execve, so it starts at the parent's RSS at fork time.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 

@@ -200,7 +200,7 @@ def embed(pool, out, method, model, batch_size, max_length, device, dtype, backe
     type=click.Choice(["fp32", "bf16", "fp16"]),
     help="Matrix products' precision; results are exact either way.",
 )
-@click.option("--block-size", default=2048, show_default=True, type=int)
+@click.option("--block-size", default=1024, show_default=True, type=int)
 @click.option(
     "--baselines",
     is_flag=True,

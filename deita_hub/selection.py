@@ -19,6 +19,7 @@ BLAS, the block size or the precision.
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +49,7 @@ class SelectionConfig:
         default=0.9, metadata={"help": "deita: reject a candidate whose cosine to a selected row is > this"}
     )
     seed: int = field(default=42, metadata={"help": "random: permutation seed"})
-    block_size: int = field(default=2048, metadata={"help": "deita: candidates per matrix product"})
+    block_size: int = field(default=1024, metadata={"help": "deita: candidates per matrix product"})
     precision: str = field(
         default="fp32", metadata={"help": "deita: fp32 (numpy) | bf16 | fp16 (torch); exact either way"}
     )
@@ -173,6 +174,14 @@ def _unit_rows(block: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return block / norms[:, None].astype(np.float32)
 
 
+def _release_pages(array: np.ndarray) -> None:
+    """Unmap the memory-mapped rows read so far: they stay in the page cache (a re-read is a minor fault), but no
+    longer count as this process's memory, so a 5 GB pool needs no 5 GB of resident memory."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 class _Matmul:
     """Similarity products in the configured precision; fp32 runs in numpy, half precision in torch."""
 
@@ -214,6 +223,8 @@ SKETCH_WIDTH = (
     128  # random-projection width: cosine error ~ 1/sqrt(128) ~ 0.09, plenty to find a near-duplicate
 )
 SKETCH_MIN_SELECTED = 256  # below this the full product is cheap anyway
+SKETCH_MIN_HIT_RATE = 0.1  # guesses that confirm less often than this do not pay for themselves...
+SKETCH_PAUSE_BLOCKS = 8  # ...so skip them for this many blocks, then try again
 
 
 class _Sketch:
@@ -230,6 +241,19 @@ class _Sketch:
             np.float32
         )
         self.selected = np.empty((capacity, SKETCH_WIDTH), dtype=np.float32)
+
+        self.skip = 0  # blocks to go without guessing, after a block where guesses rarely confirmed
+
+    def worth_trying(self) -> bool:
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def record(self, hit_rate: float) -> None:
+        # In a pool with little redundancy almost every guess fails: stop paying for guesses for a while.
+        if hit_rate < SKETCH_MIN_HIT_RATE:
+            self.skip = SKETCH_PAUSE_BLOCKS
 
     def add(self, k: int, rows: np.ndarray) -> None:
         self.selected[k : k + len(rows)] = rows @ self.projection
@@ -277,12 +301,13 @@ def deita_select(
         raw = np.empty((len(block_pos), dim), dtype=embeddings.dtype)
         raw[file_order] = embeddings[block_pos[file_order]]
         block = _unit_rows(raw, block_pos)
+        _release_pages(embeddings)
         best = np.full(len(block), -1)
         best_sim = np.full(len(block), -np.inf)
         sims, sims_row = None, None
         if k:
             full = np.arange(len(block))
-            if sketch is not None and k >= SKETCH_MIN_SELECTED:
+            if sketch is not None and k >= SKETCH_MIN_SELECTED and sketch.worth_trying():
                 # Most candidates of a redundant pool are rejected by one selected row: guess it from the sketch,
                 # confirm with the real product, and send only the unconfirmed rows through the full product.
                 guess = sketch.guess(block, k)
@@ -291,6 +316,7 @@ def deita_select(
                 best[confirmed], best_sim[confirmed] = guess[confirmed], guess_sim[confirmed]
                 full = np.flatnonzero(~confirmed)
                 sketch_rejected += int(confirmed.sum())
+                sketch.record(hit_rate=float(confirmed.mean()))
             sims = fast.against_selected(block[full], selected, k)  # [len(full), k]
             sims_row = np.full(len(block), -1)
             sims_row[full] = np.arange(len(full))
@@ -306,22 +332,24 @@ def deita_select(
                 alive[i] = False
         survivors = np.flatnonzero(alive)
         gram = fast.gram(block[survivors]) if len(survivors) > 1 else None
-        accepted: list[int] = []  # indices into `survivors` of rows accepted from this block
+        accepted = np.empty(len(survivors), dtype=np.int64)  # indices into `survivors` accepted so far
+        n_accepted = 0
         for s, i in enumerate(survivors):
             if k == budget:
                 break
             in_block_best, in_block_sim = -1, -np.inf
-            if accepted:
-                row_sims = gram[s, accepted]
-                if (row_sims > threshold + band).any():
+            if n_accepted:
+                earlier = accepted[:n_accepted]
+                row_sims = gram[s, earlier]
+                j = int(row_sims.argmax())
+                if row_sims[j] > threshold + band:
                     continue
-                close = [a for a, v in zip(accepted, row_sims, strict=True) if v > threshold - band]
-                if close:
+                if row_sims[j] > threshold - band:
+                    close = earlier[row_sims > threshold - band]
                     rechecked += 1
                     if (exact(block[i], block[survivors[close]]) > threshold).any():
                         continue
-                j = int(row_sims.argmax())
-                in_block_best, in_block_sim = accepted[j], float(row_sims[j])
+                in_block_best, in_block_sim = int(earlier[j]), float(row_sims[j])
             # Accepted: record the nearest earlier-selected row (exact similarity) for the audit columns.
             if k and (sims is not None) and best_sim[i] >= in_block_sim:
                 nearest[k] = positions[best[i]]
@@ -330,16 +358,18 @@ def deita_select(
                 other = survivors[in_block_best]
                 nearest[k] = block_pos[other]
                 nearest_sim[k] = float(exact(block[i], block[other : other + 1])[0])
-            accepted.append(s)
+            accepted[n_accepted] = s
+            n_accepted += 1
             selected[k] = block[i]
             positions[k] = block_pos[i]
             scanned_at[k] = start + int(i) + 1
             k += 1
-        if accepted:
-            fast.add(k - len(accepted), block[survivors[accepted]])
+        if n_accepted:
+            new_rows = block[survivors[accepted[:n_accepted]]]
+            fast.add(k - n_accepted, new_rows)
             if sketch is not None:
-                sketch.add(k - len(accepted), block[survivors[accepted]])
-            bar.update(len(accepted))
+                sketch.add(k - n_accepted, new_rows)
+            bar.update(n_accepted)
     bar.close()
     scanned = int(scanned_at[k - 1]) if k == budget else n
     stats = {
