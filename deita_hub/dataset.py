@@ -189,7 +189,7 @@ def select_subsets(
             progress=progress,
         )
         results[subset.name] = walks[key]
-    return results
+    return {subset.name: results[subset.name] for subset in subsets}  # the recipe's order
 
 
 def subset_table(pool: Pool, selection: Selection, scores: np.ndarray | None) -> pa.Table:
