@@ -278,6 +278,10 @@ def build(recipe, out, overwrite, cache_dir, push_repo, tag, private, revision):
     from deita_hub.dataset import build as build_dataset
     from deita_hub.resources import resolve_resource
 
+    if push_repo:  # fail on a missing or invalid token before the build, not after it
+        from deita_hub.hub import check_token
+
+        check_token()
     result = build_dataset(
         resolve_resource(recipe, "dataset_scripts"), out, overwrite=overwrite, cache_dir=cache_dir
     )

@@ -309,3 +309,21 @@ def test_build_scores_and_embeds_what_is_missing_with_deita_models(tmp_path):
     assert len(got) == 8
     evol = [r["evol_score"] for r in got]
     assert evol == sorted(evol, reverse=True) and all(1.0 <= e for e in evol)
+
+
+def test_build_push_with_a_bad_token_fails_before_building(tmp_path, hub_env):
+    make_pool(tmp_path)
+    env = {**hub_env, "HF_TOKEN": "hf_wrong_token_for_this_test", "DEITA_HUB_CACHE": str(tmp_path / "cache")}
+    command = [
+        sys.executable,
+        "-m",
+        "deita_hub",
+        "build",
+        str(write_recipe(tmp_path)),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    result = subprocess.run([*command, "--push", "org/x"], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and "error:" in result.stderr and "HF_TOKEN" in result.stderr
+    assert "hf_wrong_token_for_this_test" not in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()
