@@ -44,3 +44,20 @@ def clustered_embeddings(
         )
     out.flush()
     del out
+
+
+def save_benchmark_llama(folder, hidden: int, layers: int):
+    """The random LLaMA the scoring and embedding benchmarks share: `hidden` wide (64-dim heads), `layers` deep,
+    LLaMA's MLP ratio, the real Llama-2 tokenizer."""
+    from deita_hub.testing.tiny import save_tiny_model
+
+    heads = max(hidden // 64, 1)
+    return save_tiny_model(
+        folder,
+        "llama",
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        intermediate_size=int(hidden * 2.6875),
+    )

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import save_benchmark_llama  # noqa: E402
 
 WORDS = (
     "the model data selection score quality complexity answer question explain write code function list table "
@@ -53,20 +58,10 @@ def main() -> None:
 
     from deita_hub.embedding import EmbedConfig
     from deita_hub.embedding.last_token import LastTokenEmbedder
-    from deita_hub.testing.tiny import save_tiny_model
 
     rows = make_rows(args.rows, args.seed)
     with tempfile.TemporaryDirectory() as folder:
-        heads = max(args.hidden // 64, 1)
-        save_tiny_model(
-            folder,
-            "llama",
-            hidden_size=args.hidden,
-            num_layers=args.layers,
-            num_heads=heads,
-            num_kv_heads=heads,
-            intermediate_size=int(args.hidden * 2.6875),
-        )
+        save_benchmark_llama(folder, args.hidden, args.layers)
 
         def embedder(batch_size: int) -> LastTokenEmbedder:
             config = EmbedConfig(
