@@ -61,3 +61,16 @@ def save_benchmark_llama(folder, hidden: int, layers: int):
         num_kv_heads=heads,
         intermediate_size=int(hidden * 2.6875),
     )
+
+
+WORDS = (
+    "the model data selection score quality complexity answer question explain write code function list table "
+    "history science river mountain city language music theory number proof example detail summary reason "
+    "step first second because therefore however compare contrast analyse design build test measure improve "
+    "short long simple careful clear polite helpful assistant user story poem email letter plan recipe travel"
+).split()
+
+
+def random_text(rng, low: int = 10, high: int = 200) -> str:
+    """`low`..`high` random words: prompts of varied length, as the issue's benchmarks specify."""
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))

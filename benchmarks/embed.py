@@ -22,24 +22,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import save_benchmark_llama  # noqa: E402
-
-WORDS = (
-    "the model data selection score quality complexity answer question explain write code function list table "
-    "history science river mountain city language music theory number proof example detail summary reason "
-    "step first second because therefore however compare contrast analyse design build test measure improve "
-    "short long simple careful clear polite helpful assistant user story poem email letter plan recipe travel"
-).split()
+from _util import random_text, save_benchmark_llama  # noqa: E402
 
 
 def make_rows(n: int, seed: int) -> list[list[dict[str, str]]]:
     """One (instruction, response) pair per row, each 10-200 words."""
     rng = random.Random(seed)
-
-    def text():
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 200)))
-
-    return [[{"role": "user", "content": text()}, {"role": "assistant", "content": text()}] for _ in range(n)]
+    return [
+        [{"role": "user", "content": random_text(rng)}, {"role": "assistant", "content": random_text(rng)}]
+        for _ in range(n)
+    ]
 
 
 def main() -> None:
