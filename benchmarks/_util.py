@@ -46,21 +46,30 @@ def clustered_embeddings(
     del out
 
 
-def save_benchmark_llama(folder, hidden: int, layers: int):
+def save_benchmark_llama(folder, hidden: int, layers: int, *, answers_digits: bool = False):
     """The random LLaMA the scoring and embedding benchmarks share: `hidden` wide (64-dim heads), `layers` deep,
-    LLaMA's MLP ratio, the real Llama-2 tokenizer."""
-    from deita_hub.testing.tiny import save_tiny_model
+    LLaMA's MLP ratio, the real Llama-2 tokenizer. `answers_digits`: the same size with the digits "1".."6" as
+    its top next tokens (vLLM only returns the top 20 log-probs; a random model puts no digit there)."""
+    from deita_hub.testing.tiny import save_digit_answering_model, save_tiny_model
 
     heads = max(hidden // 64, 1)
-    return save_tiny_model(
-        folder,
-        "llama",
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=heads,
-        intermediate_size=int(hidden * 2.6875),
-    )
+    size = {
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": heads,
+        "intermediate_size": int(hidden * 2.6875),
+    }
+    if answers_digits:
+        return save_digit_answering_model(folder, **size)
+    return save_tiny_model(folder, "llama", **size)
+
+
+def vllm_options(pairs: list[str]) -> dict:
+    """--vllm-option KEY=VALUE pairs, read as deita-hub's CLI reads them."""
+    from deita_hub.vllm_engine import parse_options
+
+    return parse_options(pairs)
 
 
 WORDS = (

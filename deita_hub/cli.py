@@ -149,10 +149,31 @@ def _write_invalid(pool, out) -> None:
     "--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"])
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
+@click.option(
+    "--vllm-option",
+    "vllm_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="vllm backend: an extra vllm.EngineArgs setting, e.g. tensor_parallel_size=4 (repeatable).",
+)
 @pool_options
-def embed(pool, out, method, model, batch_size, max_length, device, dtype, backend, use_ray, **pool_kwargs):
+def embed(
+    pool,
+    out,
+    method,
+    model,
+    batch_size,
+    max_length,
+    device,
+    dtype,
+    backend,
+    use_ray,
+    vllm_option,
+    **pool_kwargs,
+):
     """Embed every conversation of POOL into a memory-mappable .npy matrix."""
     from deita_hub.embedding import EmbedConfig, embed_pool
+    from deita_hub.vllm_engine import parse_options
 
     data = _read_pool_from_options(pool, **pool_kwargs)
     config = EmbedConfig(
@@ -164,6 +185,7 @@ def embed(pool, out, method, model, batch_size, max_length, device, dtype, backe
         dtype=dtype,
         backend=backend,
         use_ray=use_ray,
+        vllm_options=parse_options(vllm_option),
     )
     path, meta = embed_pool(data.conversations, out, config, pool_provenance=data.provenance())
     _write_invalid(data, out)
@@ -625,12 +647,14 @@ def score(
     device,
     use_ray,
     ray_actors,
+    vllm_option,
     **pool_kwargs,
 ):
     """Score POOL with a Deita scorer, per (user, assistant) pair; resumes an interrupted run of the same OUT."""
     from pathlib import Path
 
     from deita_hub.scoring import ScoreConfig, failures_path, score_pool
+    from deita_hub.vllm_engine import parse_options
 
     config = ScoreConfig(
         scorer=scorer,
@@ -643,6 +667,7 @@ def score(
         device=device,
         use_ray=use_ray,
         ray_actors=ray_actors,
+        vllm_options=parse_options(vllm_option),
     )
     data = _read_pool_from_options(pool, **pool_kwargs)
     meta = score_pool(data, config, out)

@@ -110,6 +110,7 @@ def pool_scores(pool: Pool, recipe: Recipe, *, progress: bool = True) -> tuple[n
                 backend=spec.backend,
                 batch_size=spec.batch_size,
                 use_ray=spec.use_ray,
+                vllm_options=spec.vllm_options,
             )
             result = score_conversations([pool.conversations[i] for i in missing], config, progress=progress)
             if result.failures:

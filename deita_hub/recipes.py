@@ -58,6 +58,9 @@ class ScoresSpec:
     backend: str = field(default="transformers", metadata={"help": "scoring backend: transformers | vllm"})
     batch_size: int = field(default=16, metadata={"help": "scoring batch size"})
     use_ray: bool = field(default=False, metadata={"help": "score on a Ray cluster (extra [ray])"})
+    vllm_options: Mapping[str, Any] = field(
+        default_factory=dict, metadata={"help": "vllm backend: extra vllm.EngineArgs (a mapping)"}
+    )
     synthetic: bool = field(default=False, metadata={"help": "scores are synthetic (said in the card)"})
 
 

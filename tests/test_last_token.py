@@ -108,16 +108,3 @@ def test_embed_pool_with_last_token(model_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(matrix), expected, atol=1e-5)
     assert loaded_meta["pooling"] == "last non-pad token" and loaded_meta["num_rows"] == len(ROWS)
     assert json.loads((tmp_path / "emb.npy.json").read_text())["method"] == "last-token"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the vLLM embedder needs a CUDA GPU")
-def test_vllm_embedder_matches_transformers(model_dir):
-    pytest.importorskip("vllm", reason="the vLLM embedder needs the [vllm] extra")
-    vllm_vectors = LastTokenEmbedder(
-        EmbedConfig(method="last-token", model=str(model_dir), backend="vllm", dtype="float32")
-    ).encode(ROWS)
-    reference_vectors = LastTokenEmbedder(
-        EmbedConfig(method="last-token", model=str(model_dir), dtype="float32", device="cuda")
-    ).encode(ROWS)
-    np.testing.assert_allclose(vllm_vectors, reference_vectors, atol=1e-3, rtol=1e-3)

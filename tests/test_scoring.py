@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -23,7 +22,12 @@ from deita_hub.scoring import (
     score_conversations,
     truncate_prompt,
 )
-from deita_hub.testing.tiny import llama2_tokenizer, save_tiny_model, tiny_causal_lm
+from deita_hub.testing.tiny import (
+    llama2_tokenizer,
+    save_digit_answering_model,
+    save_tiny_model,
+    tiny_causal_lm,
+)
 
 LLAMA_DIGITS = [29896, 29906, 29941, 29946, 29945, 29953]
 
@@ -471,39 +475,6 @@ def test_cli_records_failures(llama_dir, tmp_path):
     assert not (tmp_path / "bad_out.jsonl").exists()
 
 
-def save_digit_answering_model(folder):
-    """A tiny random LLaMA whose next token is always one of the six digits (so vLLM's top 20 holds them all).
-
-    A large bias on the last MLP pushes every hidden state towards one direction e0; only the digit rows of
-    the LM head read e0, so the digits lead by a wide margin while their logits still vary with the prompt.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = llama2_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mlp_bias=True,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=32000,
-    )
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.layers[-1].mlp.down_proj.bias.zero_()[0] = 20.0
-        model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[LLAMA_DIGITS, 0] = torch.linspace(1.0, 1.5, 6)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_digit_answering_model_answers_with_digits(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -514,22 +485,6 @@ def test_digit_answering_model_answers_with_digits(tmp_path):
         with torch.no_grad():
             top = model(torch.tensor([ids])).logits[0, -1].topk(20).indices.tolist()
         assert set(LLAMA_DIGITS) <= set(top)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the vLLM backend needs a CUDA GPU")
-def test_vllm_backend_matches_transformers(tmp_path):
-    pytest.importorskip("vllm", reason="the vLLM backend needs the [vllm] extra")
-    folder = str(save_digit_answering_model(tmp_path))
-    vllm_result = score_conversations(
-        ROWS, ScoreConfig(scorer="quality", model=folder, backend="vllm", dtype="float32"), progress=False
-    )
-    reference = score_conversations(
-        ROWS, ScoreConfig(scorer="quality", model=folder, dtype="float32", device="cuda"), progress=False
-    )
-    assert vllm_result.failures == [] and vllm_result.metadata["backend"] == "vllm"
-    for got, want in zip(vllm_result.scores, reference.scores, strict=True):
-        assert np.allclose(got, want, atol=1e-3)
 
 
 def test_cli_resumes_an_interrupted_run(llama_dir, tmp_path):
@@ -573,3 +528,42 @@ def test_cli_unknown_model_is_a_clean_error(tmp_path):
         ],
     )
     assert result.exit_code == 1 and "cannot load the tokenizer" in result.output
+
+
+def test_vllm_options_parse_and_reserved_names_are_refused():
+    from deita_hub.recipes import ScoresSpec
+    from deita_hub.vllm_engine import parse_options
+
+    options = parse_options(["tensor_parallel_size=4", "enforce-eager=true", "gpu_memory_utilization=0.5"])
+    assert options == {"tensor_parallel_size": 4, "enforce_eager": True, "gpu_memory_utilization": 0.5}
+    with pytest.raises(DeitaHubError, match="KEY=VALUE"):
+        parse_options(["tensor_parallel_size"])
+    with pytest.raises(DeitaHubError, match=r"cannot set \['dtype', 'max_model_len'\]"):
+        ScoreConfig(scorer="quality", model="m", vllm_options={"dtype": "half", "max_model_len": 9})
+    with pytest.raises(DeitaHubError, match="mapping"):
+        ScoreConfig(scorer="quality", model="m", vllm_options=["enforce_eager"])
+    assert ScoresSpec(vllm_options={"enforce_eager": True}).vllm_options == {"enforce_eager": True}
+
+
+def test_vllm_backend_without_vllm_names_the_extra(llama_dir, tmp_path):
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vllm is installed here; tests/test_vllm.py covers the backend")
+    except ImportError:
+        pass
+    pool = tmp_path / "pool.jsonl"
+    _write_pool(pool, ROWS[:1])
+    args = [
+        "score",
+        str(pool),
+        "--scorer",
+        "quality",
+        "--model",
+        str(llama_dir),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
+    result = CliRunner().invoke(cli, [*args, "--backend", "vllm", "--vllm-option", "enforce_eager=true"])
+    assert result.exit_code == 1 and "deita-hub[vllm]" in result.output
+    assert not (tmp_path / "o.jsonl").exists()

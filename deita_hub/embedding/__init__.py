@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ import numpy as np
 
 from deita_hub import __version__
 from deita_hub.errors import DeitaHubError
+from deita_hub.vllm_engine import check_options
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ class EmbedConfig:
         default=4096, metadata={"help": "rows written per chunk (the resume granularity)"}
     )
     use_ray: bool = field(default=False, metadata={"help": "map embedding over a Ray cluster (extra [ray])"})
+    vllm_options: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "last-token vllm backend: extra vllm.EngineArgs, e.g. {tensor_parallel_size: 4}"},
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,6 +78,7 @@ class EmbedConfig:
             )
         if self.batch_size < 1 or self.chunk_rows < 1:
             raise DeitaHubError("batch_size and chunk_rows must be positive")
+        check_options(self.vllm_options)
 
 
 class Embedder(Protocol):
@@ -169,8 +176,6 @@ def embed_pool(
     progress: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Embed every conversation into `out` (.npy), resuming a matching partial run. Returns (path, metadata)."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if out.suffix != ".npy":
         raise DeitaHubError(f"{out}: embeddings are written as .npy (memory-mappable); name the output *.npy")
@@ -183,7 +188,19 @@ def embed_pool(
 
         matrix, meta = ray_embed(conversations, config)
         return _finish(out, matrix, meta, pool_provenance, partial, progress_file)
+    owned = embedder is None
     embedder = embedder or make_embedder(config)
+    try:
+        return _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, progress)
+    finally:
+        if owned and hasattr(embedder, "close"):
+            embedder.close()  # a vLLM engine holds its memory until it is stopped
+
+
+def _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, progress):
+    from tqdm.auto import tqdm
+
+    partial, progress_file = _partial_paths(out)
     meta = embedder.metadata()
     done, matrix = 0, None
     if partial.exists() and progress_file.exists():

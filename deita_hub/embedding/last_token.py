@@ -23,6 +23,7 @@ from deita_hub.chat_template import TEMPLATE_NAME, render_vicuna
 from deita_hub.embedding import EmbedConfig
 from deita_hub.errors import DeitaHubError, require
 from deita_hub.scoring.transformers_backend import load_tokenizer, resolve_device_dtype
+from deita_hub.vllm_engine import load_llm, release
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ class LastTokenEmbedder:
         model_config = AutoConfig.from_pretrained(self.config.model)
         self.dim = int(model_config.hidden_size)
         self.dtype = "bfloat16" if self.config.dtype == "auto" else self.config.dtype
-        self.device = "cuda"
         positions = getattr(model_config, "max_position_embeddings", None) or self.max_length
         engine_fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
         pooler_fields = {f.name for f in dataclasses.fields(PoolerConfig)}
@@ -116,7 +116,7 @@ class LastTokenEmbedder:
         # override_pooler_config), so the names this vLLM knows are used; encode() checks the result.
         pooler: dict[str, Any] = {"pooling_type": "LAST"}
         pooler.update({name: False for name in ("normalize", "use_activation") if name in pooler_fields})
-        kwargs: dict[str, Any] = {
+        settings: dict[str, Any] = {
             "model": self.config.model,
             "dtype": self.dtype,
             "max_model_len": min(self.max_length, positions),
@@ -125,14 +125,15 @@ class LastTokenEmbedder:
             ),
         }
         if "runner" in engine_fields:
-            kwargs.update(runner="pooling", convert="embed")
+            settings.update(runner="pooling", convert="embed")
         else:
-            kwargs["task"] = "embed"
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except Exception as exc:
-            raise DeitaHubError(f"vLLM cannot load embedding model '{self.config.model}': {exc}") from exc
+            settings["task"] = "embed"
+        _, self.llm = load_llm("The vLLM last-token embedder", options=self.config.vllm_options, **settings)
         self.vllm_version = getattr(vllm, "__version__", "unknown")
+        # The platform vLLM runs on (its CPU build runs there), recorded in the metadata.
+        from vllm.platforms import current_platform
+
+        self.device = str(getattr(current_platform, "device_type", "cuda") or "cuda")
 
     def _vllm_encode(self, token_ids: list[list[int]]) -> np.ndarray:
         outputs = self.llm.embed([{"prompt_token_ids": list(ids)} for ids in token_ids], use_tqdm=False)
@@ -144,6 +145,13 @@ class LastTokenEmbedder:
                 "this vLLM release names the option differently: use --backend transformers for Deita's embeddings"
             )
         return vectors
+
+    def close(self) -> None:
+        """Free the model now: vLLM's engine is stopped; the transformers model is dropped."""
+        if getattr(self, "llm", None) is not None:
+            release(self.llm)
+            self.llm = None
+        self.model = None
 
     # --- shared -------------------------------------------------------------------------------------------
     def tokenize(self, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
@@ -177,6 +185,9 @@ class LastTokenEmbedder:
         versions = {"torch": torch.__version__, "transformers": transformers.__version__}
         if self.config.backend == "vllm":
             versions["vllm"] = self.vllm_version
+            extra = {"vllm_options": dict(self.config.vllm_options)}
+        else:
+            extra = {}
         return {
             "method": "last-token",
             "model": self.config.model,
@@ -195,5 +206,6 @@ class LastTokenEmbedder:
             if self.config.backend == "transformers"
             else "vLLM scheduler",
             "batch_size": self.config.batch_size,
+            **extra,
             "versions": {**versions, "deita_hub": __version__},
         }

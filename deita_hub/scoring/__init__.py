@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import numpy as np
 from deita_hub.conversations import pairs, validate
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.scoring import prompts
+from deita_hub.vllm_engine import check_options
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,12 @@ class ScoreConfig:
     chunk_rows: int = field(
         default=1024, metadata={"help": "rows tokenized and length-sorted together (and per Ray task)"}
     )
+    vllm_options: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "vllm backend: extra vllm.EngineArgs, e.g. {tensor_parallel_size: 4, gpu_memory_utilization: 0.8}"
+        },
+    )
 
     def __post_init__(self):
         if self.scorer not in SCORERS:
@@ -101,6 +108,7 @@ class ScoreConfig:
             raise DeitaHubError("batch_size and chunk_rows must be positive and max_length at least 16")
         if self.ray_actors is not None and self.ray_actors < 1:
             raise DeitaHubError("ray_actors must be positive")
+        check_options(self.vllm_options)
 
     @property
     def output_field(self) -> str:
@@ -429,15 +437,20 @@ def score_conversations(
                 on_metadata=checkpoint.save_backend if checkpoint else None,
             )
         elif pending:
-            if scorer is None:
+            owned = scorer is None
+            if owned:
                 scorer = make_scorer(config)
                 load_seconds = time.perf_counter() - started
-            backend_meta = scorer.metadata()
-            if checkpoint:
-                checkpoint.save_backend(backend_meta)
-            for start in range(0, len(pending), config.chunk_rows):
-                chunk = pending[start : start + config.chunk_rows]
-                score_rows(scorer, [(i, conversations[i]) for i in chunk], config, on_rows)
+            try:
+                backend_meta = scorer.metadata()
+                if checkpoint:
+                    checkpoint.save_backend(backend_meta)
+                for start in range(0, len(pending), config.chunk_rows):
+                    chunk = pending[start : start + config.chunk_rows]
+                    score_rows(scorer, [(i, conversations[i]) for i in chunk], config, on_rows)
+            finally:
+                if owned and hasattr(scorer, "close"):
+                    scorer.close()  # a vLLM engine holds its memory until it is stopped
     seconds = time.perf_counter() - started
     scores: list[list[float] | None] = [None] * n
     failures = []

@@ -18,6 +18,7 @@ import numpy as np
 from deita_hub.errors import DeitaHubError, require
 from deita_hub.scoring.prompts import DIGITS, digit_token_ids
 from deita_hub.scoring.transformers_backend import load_tokenizer
+from deita_hub.vllm_engine import load_llm, release
 
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
 
@@ -34,7 +35,9 @@ class VllmScorer:
     batches_itself = True  # the caller passes a whole chunk; vLLM's scheduler batches it
 
     def __init__(self, config):
-        vllm = require("vllm", "vllm", "The vLLM scoring backend")
+        require("vllm", "vllm", "The vLLM scoring backend")  # a missing extra fails before anything loads
+        if config.device and config.device.startswith("cuda:"):
+            raise DeitaHubError("the vLLM backend picks GPUs with CUDA_VISIBLE_DEVICES, not --device cuda:N")
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
         self.digit_ids = digit_token_ids(self.tokenizer)
@@ -46,13 +49,13 @@ class VllmScorer:
         # One generated token needs one position after the prompt: prompts get at most positions - 1 tokens.
         max_model_len = min(config.max_length + 1, positions)
         self.max_prompt_tokens = max_model_len - 1
-        kwargs: dict[str, Any] = {"model": config.model, "dtype": self.dtype, "max_model_len": max_model_len}
-        if config.device and config.device.startswith("cuda:"):
-            raise DeitaHubError("the vLLM backend picks GPUs with CUDA_VISIBLE_DEVICES, not --device cuda:N")
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except Exception as exc:
-            raise DeitaHubError(f"vLLM cannot load scorer model '{config.model}': {exc}") from exc
+        vllm, self.llm = load_llm(
+            "The vLLM scoring backend",
+            options=config.vllm_options,
+            model=config.model,
+            dtype=self.dtype,
+            max_model_len=max_model_len,
+        )
         self.vllm_version = getattr(vllm, "__version__", "unknown")
         # temperature 0: greedy, so the (ignored) generated token is deterministic; logprobs are raw anyway.
         self.params = vllm.SamplingParams(
@@ -80,6 +83,12 @@ class VllmScorer:
             values[i] = [_logprob_value(top[token_id]) for token_id in self.digit_ids]
         return values, reasons
 
+    def close(self) -> None:
+        """Stop vLLM's engine and free its memory (the caller that made the scorer calls this)."""
+        if getattr(self, "llm", None) is not None:
+            release(self.llm)
+            self.llm = None
+
     def metadata(self) -> dict[str, Any]:
         return {
             "backend": self.name,
@@ -87,5 +96,6 @@ class VllmScorer:
             "top_logprobs": TOP_LOGPROBS,
             "max_prompt_tokens": self.max_prompt_tokens,
             "digit_token_ids": dict(zip(DIGITS, self.digit_ids, strict=True)),
+            "vllm_options": dict(self.config.vllm_options),
             "versions": {"vllm": self.vllm_version},
         }

@@ -45,14 +45,19 @@ def tiny_causal_lm(
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
     max_position_embeddings: int = 2048,
+    head_dim: int | None = None,
     seed: int = 0,
+    **config_kwargs,
 ):
     """A random Mistral- or LLaMA-architecture causal LM small enough to train on CPU in seconds."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
     config_cls = {"mistral": MistralConfig, "llama": LlamaConfig}[kind]
+    # head_dim defaults to hidden_size / num_heads (16 here); vLLM's CPU attention needs at least 32.
+    extra = config_kwargs if head_dim is None else {**config_kwargs, "head_dim": head_dim}
     config = config_cls(
+        **extra,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
@@ -74,6 +79,34 @@ def save_tiny_model(out_dir: str | Path, kind: str = "mistral", *, seed: int = 0
     out_dir = Path(out_dir)
     tokenizer = llama2_tokenizer()
     model = tiny_causal_lm(kind, vocab_size=len(tokenizer), seed=seed, **model_kwargs)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_digit_answering_model(out_dir: str | Path, *, head_dim: int | None = None, **model_kwargs) -> Path:
+    """A tiny random LLaMA (+ Llama-2 tokenizer) whose next token is always one of the six digits "1".."6".
+
+    A Deita scorer puts the digits on top; vLLM returns at most the top-20 log-probs, so its backend needs a
+    model that does the same. A large bias on the last MLP pushes every hidden state towards one direction e0;
+    only the digit rows of the LM head read e0, so the digits lead by a wide margin while their logits still
+    vary with the prompt. `model_kwargs` size the model as `tiny_causal_lm`'s do (the benchmarks use larger ones).
+    """
+    import torch
+
+    from deita_hub.scoring.prompts import digit_token_ids
+
+    out_dir = Path(out_dir)
+    tokenizer = llama2_tokenizer()
+    model_kwargs = {"seed": 3, **model_kwargs}
+    model = tiny_causal_lm(
+        "llama", vocab_size=len(tokenizer), head_dim=head_dim, mlp_bias=True, **model_kwargs
+    )
+    digits = digit_token_ids(tokenizer)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.bias.zero_()[0] = 20.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[digits, 0] = torch.linspace(1.0, 1.5, 6)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

