@@ -92,6 +92,20 @@ def test_quality_and_complexity_scores_equal_the_transformers_backend(digit_mode
         assert np.ptp([s for row in got.scores for s in row]) > 1e-3
 
 
+def test_bfloat16_scores_agree_with_float32_to_bf16_precision(digit_model):
+    """bf16 is vLLM's default for scoring: it loads, scores every row, and stays within bf16's resolution."""
+    config = ScoreConfig(
+        scorer="quality", model=digit_model, backend="vllm", dtype="bfloat16", vllm_options=ENGINE
+    )
+    got = score_conversations(ROWS, config, progress=False)
+    want = score_conversations(
+        ROWS, ScoreConfig(scorer="quality", model=digit_model, dtype="float32", device=DEVICE), progress=False
+    )
+    assert got.failures == [] and got.metadata["dtype"] == "bfloat16"
+    for row_got, row_want in zip(got.scores, want.scores, strict=True):
+        np.testing.assert_allclose(row_got, row_want, atol=1e-2)
+
+
 def test_a_digit_outside_the_top_20_fails_the_row_with_its_reason(tmp_path):
     """A random model puts no digit in its top 20: every row fails with the reason, none gets a default score."""
     folder = str(save_tiny_model(tmp_path / "random", "llama", head_dim=32))
