@@ -137,13 +137,12 @@ def test_last_token_embeddings_equal_the_transformers_backend(tmp_path):
         assert meta["device"] == DEVICE
 
 
-def test_cli_scores_a_pool_with_vllm_in_the_default_engine(digit_model, tmp_path):
-    """`deita-hub score --backend vllm` as users run it: a new process, vLLM's default multiprocess engine."""
+def _score_with_the_cli(digit_model, tmp_path, *extra):
     pool, out = tmp_path / "pool.jsonl", tmp_path / "scored.jsonl"
     pool.write_text("".join(json.dumps({"id": i, "messages": turns}) + "\n" for i, turns in enumerate(ROWS)))
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     args = ["score", str(pool), "--scorer", "quality", "--model", digit_model, "--out", str(out)]
-    args += ["--backend", "vllm", "--dtype", "float32"]
+    args += ["--backend", "vllm", "--dtype", "float32", *extra]
     args += [f"--vllm-option={key}={str(value).lower()}" for key, value in ENGINE.items()]
     result = subprocess.run(
         [sys.executable, "-m", "deita_hub", *args], capture_output=True, text=True, env=env, timeout=600
@@ -155,8 +154,20 @@ def test_cli_scores_a_pool_with_vllm_in_the_default_engine(digit_model, tmp_path
     )
     for row, row_want in zip(rows, want.scores, strict=True):
         np.testing.assert_allclose(row["quality_scores"], row_want, atol=1e-4)
-    meta = json.loads((tmp_path / "scored.jsonl.json").read_text())
-    assert meta["backend"] == "vllm" and meta["vllm_options"] == ENGINE
+    return json.loads((tmp_path / "scored.jsonl.json").read_text())
+
+
+def test_cli_scores_a_pool_with_vllm_in_the_default_engine(digit_model, tmp_path):
+    """`deita-hub score --backend vllm` as users run it: a new process, vLLM's default multiprocess engine."""
+    meta = _score_with_the_cli(digit_model, tmp_path)
+    assert meta["backend"] == "vllm" and meta["vllm_options"] == ENGINE and meta["use_ray"] is False
+
+
+def test_cli_scores_with_vllm_actors_on_ray(digit_model, tmp_path):
+    """`--ray --backend vllm`: Ray Data maps the rows over an actor pool, each actor running its own engine."""
+    pytest.importorskip("ray", reason="the Ray path needs the [ray] extra")
+    meta = _score_with_the_cli(digit_model, tmp_path, "--ray")
+    assert meta["backend"] == "vllm" and meta["use_ray"] is True and meta["vllm_options"] == ENGINE
 
 
 def test_unknown_engine_option_is_a_clean_error_before_loading(digit_model):
