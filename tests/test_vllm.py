@@ -106,6 +106,28 @@ def test_bfloat16_scores_agree_with_float32_to_bf16_precision(digit_model):
         np.testing.assert_allclose(row_got, row_want, atol=1e-2)
 
 
+def test_build_scores_with_two_vllm_engines_one_after_the_other(digit_model, tmp_path):
+    """A recipe with vLLM scorers and engine options: build scores complexity, then quality, in one process."""
+    from deita_hub.dataset import build
+    from tests.test_build import make_pool, write_recipe
+
+    rows, _ = make_pool(tmp_path, n=24)
+    for row in rows[:6]:
+        del row["complexity_scores"], row["quality_scores"]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = {"complexity_model": digit_model, "quality_model": digit_model, "backend": "vllm"}
+    recipe = write_recipe(
+        tmp_path,
+        scores={**scores, "vllm_options": ENGINE},
+        selection={"max_similarity": 0.999},
+        configs=[{"name": "deita-8", "method": "deita", "budget": 8}],
+    )
+    record = build(recipe, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False).record
+    scored = record["scores"]["scored_here"]
+    assert set(scored) == {"complexity", "quality"}
+    assert all(scored[k]["backend"] == "vllm" and scored[k]["rows_scored_by_build"] == 6 for k in scored)
+
+
 def test_a_digit_outside_the_top_20_fails_the_row_with_its_reason(tmp_path):
     """A random model puts no digit in its top 20: every row fails with the reason, none gets a default score."""
     folder = str(save_tiny_model(tmp_path / "random", "llama", head_dim=32))
