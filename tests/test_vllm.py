@@ -179,6 +179,21 @@ def _score_with_the_cli(digit_model, tmp_path, *extra):
     return json.loads((tmp_path / "scored.jsonl.json").read_text())
 
 
+def test_embed_cli_writes_vllm_last_token_embeddings(tmp_path):
+    folder = str(save_tiny_model(tmp_path / "model", "mistral", head_dim=32))
+    pool, out = tmp_path / "pool.jsonl", tmp_path / "emb.npy"
+    pool.write_text("".join(json.dumps({"messages": turns}) + "\n" for turns in ROWS))
+    args = ["embed", str(pool), "--method", "last-token", "--model", folder, "--out", str(out)]
+    args += ["--backend", "vllm", "--dtype", "float32"]
+    args += [f"--vllm-option={key}={str(value).lower()}" for key, value in ENGINE.items()]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    want = LastTokenEmbedder(EmbedConfig(method="last-token", model=folder, dtype="float32", device=DEVICE))
+    np.testing.assert_allclose(np.load(out), want.encode(ROWS), atol=1e-4, rtol=1e-4)
+    meta = json.loads((tmp_path / "emb.npy.json").read_text())
+    assert meta["backend"] == "vllm" and meta["vllm_options"] == ENGINE and meta["num_rows"] == len(ROWS)
+
+
 def test_cli_scores_a_pool_with_vllm_in_the_default_engine(digit_model, tmp_path):
     """`deita-hub score --backend vllm` as users run it: a new process, vLLM's default multiprocess engine."""
     meta = _score_with_the_cli(digit_model, tmp_path)
