@@ -529,7 +529,7 @@ def train(
 
 
 @cli.command("merge")
-@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("adapter")
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the merged model."
 )
@@ -542,14 +542,21 @@ def train(
 @click.option(
     "--base", "base_model", default=None, help="Base model (default: the adapter's base_model_name_or_path)."
 )
+@click.option("--revision", default=None, help="Branch, tag or commit of a Hub ADAPTER repo.")
 @click.option("--push", "push_repo", default=None, help="Hub repo (org/name) to push the merged model to.")
 @click.option("--private", is_flag=True, help="Create the pushed repo private.")
-def merge(adapter_dir, out_dir, dtype, base_model, push_repo, private):
-    """Merge a LoRA/QLoRA adapter (OUTPUT_DIR/final or a checkpoint) into its base model."""
+def merge(adapter, out_dir, dtype, base_model, revision, push_repo, private):
+    """Merge a LoRA/QLoRA ADAPTER (OUTPUT_DIR/final, a checkpoint, or a pushed Hub repo) into its base model."""
     from deita_hub.training.merge import merge_adapter
 
     result = merge_adapter(
-        adapter_dir, out_dir, dtype=dtype, base_model=base_model, push=push_repo, private=private
+        adapter,
+        out_dir,
+        dtype=dtype,
+        base_model=base_model,
+        revision=revision,
+        push=push_repo,
+        private=private,
     )
     click.echo(f"merged into {result.base_model}: {result.out_dir}")
     if result.pushed:
@@ -633,6 +640,13 @@ def chat(model, prompt, system, max_new_tokens, temperature, top_p, seed, dtype,
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
 @click.option("--ray-actors", default=None, type=int, help="Ray actors (default: one per GPU, else 1).")
+@click.option(
+    "--vllm-option",
+    "vllm_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="vllm backend: an extra vllm.EngineArgs setting, e.g. tensor_parallel_size=4 (repeatable).",
+)
 @pool_options
 def score(
     pool,

@@ -193,6 +193,43 @@ def test_qlora_trains_on_cpu_with_a_4bit_base(tmp_path):
     }
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_trains_on_cpu_with_autocast(tmp_path, method):
+    """bf16 runs on CPU too (torch's CPU autocast): full keeps fp32 master weights and computes in bf16; lora
+    freezes a bf16 base and trains fp32 adapters."""
+    from transformers import TrainerCallback
+
+    from deita_hub.training.trainer import train
+
+    seen = {}
+
+    class Inspect(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+            frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+            seen["weights"] = (sorted(map(str, trainable)), sorted(map(str, frozen)))
+            # (TRL may project the final hidden states itself, so the hook sits on a decoder layer's projection)
+            down_proj = next(
+                m for name, m in model.named_modules() if name.endswith("layers.0.mlp.down_proj")
+            )
+            down_proj.register_forward_hook(record_output_dtype)
+
+    def record_output_dtype(module, inputs, output) -> None:
+        seen.setdefault("output", str(output.dtype))
+
+    pool = write_pool(tmp_path / "hello.jsonl", [HELLO])
+    result = train(tiny_config(tmp_path, pool, method=method, bf16=True), extra_callbacks=[Inspect()])
+    assert seen["weights"] == (
+        (["torch.float32"], []) if method == "full" else (["torch.float32"], ["torch.bfloat16"])
+    )
+    assert seen["output"] == "torch.bfloat16"  # with fp32 weights (full) too: autocast is on
+    assert_decreasing(losses(result.final_dir))
+    record = assert_model_folder(
+        result.final_dir, kind="full" if method == "full" else "adapter", method=method
+    )
+    assert record["hyperparameters"]["bf16"] is True
+
+
 def test_pushed_files_are_the_model_not_the_resume_state(lora_run, tmp_path):
     from deita_hub.training.push import stage
 

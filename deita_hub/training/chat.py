@@ -2,7 +2,8 @@
 
 The prompt is the conversation so far rendered by the tokenizer's chat template with the generation prompt
 (`... ASSISTANT:`); generation stops at `</s>` (the tokenizer's EOS, the token every reply was trained to end
-with) or after `max_new_tokens`. A folder holding an adapter loads its base model and the adapter on top.
+with) or after `max_new_tokens`. An adapter (folder or Hub repo) loads its base model, at the revision recorded in
+adapter_config.json, and the adapter on top.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class GenerationSettings:
 
 
 def load_chat_model(path: str, *, dtype: str = "auto", revision: str | None = None):
-    """(model, tokenizer) from a merged/full model folder or Hub id, or an adapter folder (base + adapter)."""
+    """(model, tokenizer) of a merged/full model or an adapter (base + adapter), from a folder or a Hub id."""
     torch = require("torch", "train", "Chat")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,11 +43,14 @@ def load_chat_model(path: str, *, dtype: str = "auto", revision: str | None = No
     if dtype not in ("bfloat16", "float16", "float32"):
         raise DeitaHubError(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    local = Path(path)
     try:
-        if (local / "adapter_config.json").is_file():
+        if _is_adapter(path, revision):
+            # PEFT loads the base at the revision recorded in adapter_config.json; transformers' own adapter
+            # loading would take the base's main branch (or look for the adapter's `revision` in the base repo).
             peft = require("peft", "train", "Chatting with an adapter")
-            model = peft.AutoPeftModelForCausalLM.from_pretrained(str(local), dtype=getattr(torch, dtype))
+            model = peft.AutoPeftModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, dtype), revision=revision
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
@@ -57,6 +61,15 @@ def load_chat_model(path: str, *, dtype: str = "auto", revision: str | None = No
         tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
     model.to(device).eval()
     return model, tokenizer
+
+
+def _is_adapter(path: str, revision: str | None) -> bool:
+    """Whether `path` (folder or Hub id) holds a PEFT adapter (adapter_config.json) rather than a whole model."""
+    if Path(path).is_dir():
+        return (Path(path) / "adapter_config.json").is_file()
+    from transformers.utils import find_adapter_config_file
+
+    return find_adapter_config_file(path, revision=revision) is not None
 
 
 def generate_reply(model, tokenizer, messages: list[dict[str, str]], settings: GenerationSettings) -> str:

@@ -4,8 +4,10 @@ The base loads unquantized in `dtype` (bf16 by default), also for a QLoRA adapte
 would round the merged weights to NF4 again. (A QLoRA adapter was trained against the NF4-rounded base, so the
 merged bf16 model differs slightly from the quantized model used in training; that is the usual trade-off.)
 
-The output holds the merged weights, the tokenizer with the Vicuna template, `deita_run.json` (kind "merged",
-the adapter's record otherwise) and the card. It is written to a temp folder and renamed into place.
+The adapter is a local folder (OUTPUT_DIR/final, a checkpoint) or a Hub repo id (a pushed adapter, at `revision`).
+The base is the adapter config's `base_model_name_or_path` at its `revision` (both recorded at training time), or
+`base_model`. The output holds the merged weights, the tokenizer with the Vicuna template, `deita_run.json` (kind
+"merged", the adapter's record otherwise) and the card. It is written to a temp folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -31,19 +33,72 @@ class MergeResult:
     pushed: str | None  # commit URL when pushed
 
 
+# What a merge needs from a Hub adapter repo: configs, tokenizer, template, record and the adapter weights; never
+# the weights of a full model that a mistaken repo id would point at.
+_ADAPTER_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "adapter_model.*"]
+
+
+def _is_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith(("/", ".", "~")) and all(name.split("/"))
+
+
+def download_adapter(repo_id: str, revision: str | None = None) -> Path:
+    """The files of a pushed adapter (`repo_id` at `revision`) in the Hugging Face cache; its folder."""
+    hf = require("huggingface_hub", "train", "Downloading an adapter")
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = repo_id + (f"@{revision}" if revision else "")
+    try:
+        hf.hf_hub_download(repo_id, "adapter_config.json", revision=revision)
+        return Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=_ADAPTER_PATTERNS))
+    except RepositoryNotFoundError as exc:
+        raise DeitaHubError(
+            f"adapter '{repo_id}': no such folder, and no Hub repo of that name (or it is private: check HF_TOKEN)"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise DeitaHubError(f"adapter repo {repo_id} has no revision '{revision}'") from exc
+    except RemoteEntryNotFoundError as exc:
+        raise DeitaHubError(
+            f"{where}: not a LoRA adapter (no adapter_config.json); nothing to merge"
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:  # offline (LocalEntryNotFoundError), connection errors, 5xx
+        # the first line of huggingface_hub's message names the status and URL, never the token
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeitaHubError(f"cannot download the adapter {where}: {first_line}") from exc
+
+
 def merge_adapter(
-    adapter_dir: str | Path,
+    adapter: str | Path,
     out_dir: str | Path,
     *,
     dtype: str = "bfloat16",
     base_model: str | None = None,
+    revision: str | None = None,
     push: str | None = None,
     private: bool = False,
 ) -> MergeResult:
-    """Merge `adapter_dir` (a deita-hub adapter: final folder or checkpoint) into its base; save to `out_dir`."""
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    """Merge `adapter` (a deita-hub adapter: final folder, checkpoint, or Hub repo id at `revision`) into its base;
+    save to `out_dir`."""
+    out_dir = Path(out_dir)
     if dtype not in MERGE_DTYPES:
         raise DeitaHubError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DeitaHubError(f"{out_dir} exists and is not empty; choose another --out or remove it")
+    if push is not None and push.count("/") != 1:
+        raise DeitaHubError(f"--push must be a Hub repo id 'org/name', got '{push}'")
+    if Path(adapter).is_dir():
+        if revision is not None:
+            raise DeitaHubError(f"--revision is for a Hub adapter repo; {adapter} is a local folder")
+        adapter_dir = Path(adapter)
+    elif _is_repo_id(str(adapter)):
+        adapter_dir = download_adapter(str(adapter), revision)
+    else:
+        raise DeitaHubError(f"adapter '{adapter}' is neither a folder nor a Hub repo id (org/name)")
     adapter_config = adapter_dir / "adapter_config.json"
     if not adapter_config.is_file():
         raise DeitaHubError(f"{adapter_dir}: not a LoRA adapter (no adapter_config.json); nothing to merge")
@@ -52,11 +107,10 @@ def merge_adapter(
         raise DeitaHubError(
             f"{adapter_dir}: no {run_record.RUN_RECORD}; merge needs a deita-hub training output"
         )
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise DeitaHubError(f"{out_dir} exists and is not empty; choose another --out or remove it")
-    if push is not None and push.count("/") != 1:
-        raise DeitaHubError(f"--push must be a Hub repo id 'org/name', got '{push}'")
-    base = base_model or json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    settings = json.loads(adapter_config.read_text(encoding="utf-8"))
+    base = base_model or settings.get("base_model_name_or_path")
+    # the base revision the adapter was trained on (recorded by `deita-hub train`); --base means its main branch
+    base_revision = None if base_model else settings.get("revision")
     if not base:
         raise DeitaHubError(f"{adapter_config}: no base_model_name_or_path; pass --base")
     if base.startswith("/") and not Path(base).exists():
@@ -74,8 +128,21 @@ def merge_adapter(
 
     from deita_hub.training.data import use_vicuna_template
 
-    log.info("loading %s in %s and merging %s", base, dtype, adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    log.info(
+        "loading %s%s in %s and merging %s",
+        base,
+        f"@{base_revision}" if base_revision else "",
+        dtype,
+        adapter,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=getattr(torch, dtype), revision=base_revision
+        )
+    except OSError as exc:  # not a folder, not on the Hub, or the revision is gone
+        raise DeitaHubError(
+            f"cannot load the adapter's base model '{base}': {exc}; pass --base (a Hub id or folder)"
+        ) from exc
     model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     use_vicuna_template(tokenizer)

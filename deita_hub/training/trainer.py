@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,19 @@ def _prepare_output_dir(config: TrainConfig, resume: bool) -> Path | None:
     return checkpoint
 
 
+def _process_state():
+    """accelerate's PartialState as the Trainer sets it up (`use_cpu` when there is no CUDA).
+
+    On a machine without CUDA a bare `PartialState()` in a multi-process launch reports every process as the main
+    one (distributed type NO): only `cpu=True` makes it the multi-CPU (gloo) state the Trainer will use, so
+    `main_process_first()` really orders the processes.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 # --- model --------------------------------------------------------------------------------------------------------
 
 
@@ -153,11 +167,20 @@ def _resolve_model(config: TrainConfig) -> tuple[str, str]:
 
         kind = config.model[len(TINY_PREFIX) :]
         folder = Path(config.output_dir) / f"tiny-{kind}"
-        if not (folder / "config.json").is_file():
-            tmp = folder.with_name(f".{folder.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_tiny_model(tmp, kind)
-            tmp.rename(folder)
+        # Under a multi-process launch every rank gets here: the first process of each machine builds the model
+        # while the others wait. The temp folder is per process and losing the rename to a finished folder is
+        # fine (machines sharing one filesystem build the same seeded model).
+        with _process_state().local_main_process_first():
+            if not (folder / "config.json").is_file():
+                tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_tiny_model(tmp, kind)
+                try:
+                    tmp.rename(folder)
+                except OSError:
+                    if not (folder / "config.json").is_file():
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)
         return str(folder.resolve()), f"tiny-{kind}"
     return config.model, run_record.model_reference(config.model)
 
@@ -176,12 +199,15 @@ def _peft_config(config: TrainConfig):
         return None
     from peft import LoraConfig
 
+    # `revision` is saved in adapter_config.json: PEFT's AutoPeftModel (and `deita-hub merge`) load the base at
+    # that revision. Without it they would load the base's main branch, which need not be what was trained on.
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
         task_type="CAUSAL_LM",
+        revision=config.model_revision,
     )
 
 
@@ -241,9 +267,9 @@ def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eva
         # A 4-bit model cannot be moved after loading: place it on this process's GPU (also under DDP).
         model_init_kwargs["device_map"] = {"": PartialState().local_process_index}
     checkpointing = config.gradient_checkpointing
-    if checkpointing and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true":
+    if checkpointing and cuda and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true":
         # FSDP's own activation checkpointing (configs/accelerate/fsdp.yaml) replaces the Trainer's; transformers
-        # refuses both at once.
+        # refuses both at once. (Without a GPU accelerate runs no FSDP, so the Trainer's stays on.)
         log.info("FSDP activation checkpointing is on: the Trainer's gradient_checkpointing is turned off")
         checkpointing = False
     return SFTConfig(
@@ -284,6 +310,49 @@ def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eva
         hub_token=None,
         disable_tqdm=True,
     )
+
+
+@contextmanager
+def _config_mixed_precision(config: TrainConfig):
+    """While the trainer is built, the config's `bf16` is the run's mixed precision, whatever `accelerate launch`
+    was told.
+
+    The launcher exports its config's `mixed_precision` (configs/accelerate/fsdp.yaml says bf16) as
+    ACCELERATE_MIXED_PRECISION, and transformers takes it when `bf16` is false: a `bf16: false` run would then
+    train in bf16 autocast while its record says fp32. The training config is the one source of truth.
+    """
+    wanted = "bf16" if config.bf16 else "no"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched is not None and launched != wanted and _process_state().is_main_process:
+        log.warning(
+            "accelerate launch asked for mixed precision '%s'; the training config (bf16: %s) decides: '%s'",
+            launched,
+            str(config.bf16).lower(),
+            wanted,
+        )
+    os.environ["ACCELERATE_MIXED_PRECISION"] = wanted
+    try:
+        yield
+    finally:
+        if launched is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = launched
+
+
+def _warn_if_not_sharded(distributed_type: str) -> None:
+    """accelerate 1.x turns a launch into FSDP only on accelerators (state.py promotes MULTI_GPU/XPU/... to FSDP,
+    never MULTI_CPU): on CPU the FSDP config silently becomes plain DDP over gloo. Say so."""
+    if not _process_state().is_main_process:
+        return
+    for variable, wanted in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
+        if os.environ.get(variable, "").lower() == "true" and distributed_type != wanted:
+            log.warning(
+                "the launch asked for %s but accelerate runs %s: weights, gradients and optimizer state are "
+                "not sharded but replicated in every process",
+                wanted,
+                distributed_type,
+            )
 
 
 def _distributed_type(trainer, cuda: bool) -> str:
@@ -412,24 +481,27 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
         log.info(
             "qlora on CPU: bitsandbytes' CPU 4-bit kernels train, slowly (fine for tiny models and tests)"
         )
-    args = sft_config(
-        config, gradient_accumulation_steps=accumulation, has_eval=data.eval is not None, cuda=cuda
-    )
-    trainer = _trainer_class()(
-        model=model_path,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=_peft_config(config),
-        quantization_config=_quantization_config(config),
-    )
+    with _config_mixed_precision(config):
+        args = sft_config(
+            config, gradient_accumulation_steps=accumulation, has_eval=data.eval is not None, cuda=cuda
+        )
+        trainer = _trainer_class()(
+            model=model_path,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=_peft_config(config),
+            quantization_config=_quantization_config(config),
+        )
+    distributed_type = _distributed_type(trainer, cuda)
+    _warn_if_not_sharded(distributed_type)
     recorder = _RunRecorder(
         config,
         base_model=base_model,
         dataset=data.record,
         hyperparameters=_hyperparameters(
-            config, trainer.args, distributed_type=_distributed_type(trainer, cuda), devices=devices
+            config, trainer.args, distributed_type=distributed_type, devices=devices
         ),
     )
     uploader = None
@@ -513,15 +585,26 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
         from deita_hub.hub import check_token
 
         check_token()  # a missing or rejected token fails now, not after the first checkpoint
-    from accelerate import PartialState
-
     # Under a multi-process launch the main process cleans OUTPUT_DIR (interrupted saves) before the others look.
-    with PartialState().main_process_first():
+    with _process_state().main_process_first():
         checkpoint = _prepare_output_dir(config, resume)
 
     out = Path(config.output_dir)
     if checkpoint is not None and _finished(checkpoint, config):
-        return _final_from_checkpoint(config, checkpoint)
+        # One process writes (and pushes) OUTPUT_DIR/final; under a multi-process launch the others wait for it.
+        state = _process_state()
+        result = _final_from_checkpoint(config, checkpoint) if state.is_main_process else None
+        state.wait_for_everyone()
+        if result is None:
+            step = int(_CHECKPOINT_RE.match(checkpoint.name).group(1))
+            result = TrainResult(
+                output_dir=out,
+                final_dir=out / FINAL_DIR,
+                global_step=step,
+                train_loss=None,
+                resumed_from=step,
+            )
+        return result
     out.mkdir(parents=True, exist_ok=True)
     trainer, recorder, uploader, _ = build_trainer(config, extra_callbacks=extra_callbacks)
     if trainer.is_world_process_zero():
