@@ -57,7 +57,7 @@ ROWS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def in_process_engine():
-    """The engine core in this process: one vLLM import instead of three (the CLI test runs the default)."""
+    """The engine core in this process: one vLLM import instead of three (the Ray test runs the default)."""
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     yield
@@ -159,26 +159,6 @@ def test_last_token_embeddings_equal_the_transformers_backend(tmp_path):
         assert meta["device"] == DEVICE
 
 
-def _score_with_the_cli(digit_model, tmp_path, *extra):
-    pool, out = tmp_path / "pool.jsonl", tmp_path / "scored.jsonl"
-    pool.write_text("".join(json.dumps({"id": i, "messages": turns}) + "\n" for i, turns in enumerate(ROWS)))
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    args = ["score", str(pool), "--scorer", "quality", "--model", digit_model, "--out", str(out)]
-    args += ["--backend", "vllm", "--dtype", "float32", *extra]
-    args += [f"--vllm-option={key}={str(value).lower()}" for key, value in ENGINE.items()]
-    result = subprocess.run(
-        [sys.executable, "-m", "deita_hub", *args], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    want = score_conversations(
-        ROWS, ScoreConfig(scorer="quality", model=digit_model, dtype="float32", device=DEVICE), progress=False
-    )
-    for row, row_want in zip(rows, want.scores, strict=True):
-        np.testing.assert_allclose(row["quality_scores"], row_want, atol=1e-4)
-    return json.loads((tmp_path / "scored.jsonl.json").read_text())
-
-
 def test_embed_cli_writes_vllm_last_token_embeddings(tmp_path):
     folder = str(save_tiny_model(tmp_path / "model", "mistral", head_dim=32))
     pool, out = tmp_path / "pool.jsonl", tmp_path / "emb.npy"
@@ -194,16 +174,40 @@ def test_embed_cli_writes_vllm_last_token_embeddings(tmp_path):
     assert meta["backend"] == "vllm" and meta["vllm_options"] == ENGINE and meta["num_rows"] == len(ROWS)
 
 
-def test_cli_scores_a_pool_with_vllm_in_the_default_engine(digit_model, tmp_path):
-    """`deita-hub score --backend vllm` as users run it: a new process, vLLM's default multiprocess engine."""
-    meta = _score_with_the_cli(digit_model, tmp_path)
+def _score_with_the_cli(digit_model, tmp_path, *extra, subprocess_run: bool):
+    pool, out = tmp_path / "pool.jsonl", tmp_path / "scored.jsonl"
+    pool.write_text("".join(json.dumps({"id": i, "messages": turns}) + "\n" for i, turns in enumerate(ROWS)))
+    args = ["score", str(pool), "--scorer", "quality", "--model", digit_model, "--out", str(out)]
+    args += ["--backend", "vllm", "--dtype", "float32", *extra]
+    args += [f"--vllm-option={key}={str(value).lower()}" for key, value in ENGINE.items()]
+    if subprocess_run:
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        result = subprocess.run(
+            [sys.executable, "-m", "deita_hub", *args], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = score_conversations(
+        ROWS, ScoreConfig(scorer="quality", model=digit_model, dtype="float32", device=DEVICE), progress=False
+    )
+    for row, row_want in zip(rows, want.scores, strict=True):
+        np.testing.assert_allclose(row["quality_scores"], row_want, atol=1e-4)
+    return json.loads((tmp_path / "scored.jsonl.json").read_text())
+
+
+def test_cli_scores_a_pool_with_vllm(digit_model, tmp_path):
+    meta = _score_with_the_cli(digit_model, tmp_path, subprocess_run=False)
     assert meta["backend"] == "vllm" and meta["vllm_options"] == ENGINE and meta["use_ray"] is False
 
 
 def test_cli_scores_with_vllm_actors_on_ray(digit_model, tmp_path):
-    """`--ray --backend vllm`: Ray Data maps the rows over an actor pool, each actor running its own engine."""
+    """`deita-hub score --ray --backend vllm` in a new process: Ray Data maps the rows over an actor pool, each
+    actor running vLLM's default (multiprocess) engine."""
     pytest.importorskip("ray", reason="the Ray path needs the [ray] extra")
-    meta = _score_with_the_cli(digit_model, tmp_path, "--ray")
+    meta = _score_with_the_cli(digit_model, tmp_path, "--ray", subprocess_run=True)
     assert meta["backend"] == "vllm" and meta["use_ray"] is True and meta["vllm_options"] == ENGINE
 
 
