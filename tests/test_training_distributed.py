@@ -194,7 +194,10 @@ def test_resuming_a_finished_run_in_two_processes(pool, single_process, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_configs_launch_two_cpu_processes(pool, single_process, tmp_path, stage):
-    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    pytest.importorskip(
+        "deepspeed",
+        reason="DeepSpeed is not installed (pip install 'deita-hub[deepspeed]'; not in the [test] extra)",
+    )
     out = tmp_path / "run"
     result = launch(f"deepspeed-zero{stage}.yaml", pool, out)
     assert "the launch asked for" not in result.stderr
