@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,9 +59,14 @@ class ScoreActor:
     def __init__(self, config):
         from deita_hub.scoring import make_scorer
 
+        started = time.perf_counter()
         self.config = config
         self.scorer = make_scorer(config)
-        self.metadata = self.scorer.metadata()
+        # Kept out of rows/s like a local run's model load (Ray's own start-up is not: it is the cluster's).
+        self.metadata = {
+            **self.scorer.metadata(),
+            "actor_load_seconds": round(time.perf_counter() - started, 3),
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from deita_hub.scoring import score_rows

@@ -436,6 +436,7 @@ def score_conversations(
                 on_rows=on_rows,
                 on_metadata=checkpoint.save_backend if checkpoint else None,
             )
+            load_seconds = float((backend_meta or {}).get("actor_load_seconds", 0.0))
         elif pending:
             owned = scorer is None
             if owned:
