@@ -476,6 +476,13 @@ def card_context(
     method_text = {"qlora": "QLoRA", "lora": "LoRA", "full": "full fine-tuning"}.get(method, method)
     base_url = _hub_link(base_model)
     base_md = f"[{base_model}]({base_url})" if base_url else f"`{base_model}`"
+    base_revision = record.get("base_model_revision")  # absent in records written before it was recorded
+    if base_revision:
+        base_md += (
+            f" (revision [`{base_revision}`]({base_url}/tree/{base_revision}))"
+            if base_url
+            else f" (revision `{base_revision}`)"
+        )
     dataset_url = _hub_link(dataset_id, "dataset")
     dataset_link = f"[{dataset_id}]({dataset_url})" if dataset_url else f"`{dataset_id}`"
     config = _field(record, "dataset.config", optional=True)

@@ -273,6 +273,13 @@ def test_library_and_base_model_relation_per_kind(kind, method, library, relatio
     assert ("QLoRA settings:" in card.text) == (method == "qlora")
 
 
+def test_a_pinned_base_revision_is_linked():
+    text = str(cards.model_card(tiny_record(base_model_revision="v1")))
+    assert "**Finetuned from model:** [mistralai/Mistral-7B-v0.1](" in text
+    assert "(revision [`v1`](" in text and "/mistralai/Mistral-7B-v0.1/tree/v1)" in text
+    assert "Mistral-7B-v0.1/tree/" not in str(cards.model_card(tiny_record()))
+
+
 def test_local_base_model_is_named_but_not_in_the_model_tree():
     card = cards.model_card(tiny_record(base_model="tiny-mistral"))
     metadata = card.data.to_dict()

@@ -107,7 +107,10 @@ def assert_pushed_adapter(hub_server, repo: str, out: Path, tmp_path: Path, revi
             "deita_run.json",
         } <= set(files)
         assert_adapter_config_names_the_hub_base(json.loads(files["adapter_config.json"]), revision)
-        assert json.loads(files["deita_run.json"])["base_model"] == BASE_REPO
+        pushed_record = json.loads(files["deita_run.json"])
+        assert (pushed_record["base_model"], pushed_record["base_model_revision"]) == (BASE_REPO, revision)
+        if revision:  # the card links the base at the revision trained on
+            assert f"(revision [`{revision}`](" in files["README.md"].decode()
         leaked = [name for name, data in files.items() if str(tmp_path).encode() in data]
         assert leaked == [], f"pushed files name a local path: {leaked}"
     local = json.loads((out / "final" / "adapter_config.json").read_text())

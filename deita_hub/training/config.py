@@ -399,11 +399,17 @@ def check_environment(config: TrainConfig, *, cuda_available: bool | None = None
     tests use. So is bf16: transformers runs torch's CPU autocast (`use_cpu` with `bf16`); without native bf16
     instructions it is slower than fp32 (x1.3 for the tiny model on an AVX2 CPU), not wrong.
     """
-    if cuda_available is None:
-        import torch
+    import torch
 
+    if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if cuda_available:
+        # Pre-Ampere GPUs (V100, T4) have no bf16: say what to change instead of failing inside transformers.
+        if config.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise DeitaHubError(
+                f"bf16: true, but this GPU ({torch.cuda.get_device_name()}) does not support bfloat16; "
+                "set bf16: false (--set bf16=false) to train in fp32"
+            )
         return
     problems = []
     if config.attn_implementation in GPU_ATTENTION:

@@ -125,12 +125,14 @@ def new_record(
     results: dict[str, Any],
     license: str,
     language: list[str],
+    base_model_revision: str | None = None,
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "kind": kind,
         "method": method,
         "base_model": base_model,
+        "base_model_revision": base_model_revision,
         "model_name": model_name,
         "hub_repo": hub_repo,
         "template": TEMPLATE_NAME,

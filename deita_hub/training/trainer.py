@@ -409,6 +409,7 @@ class _RunRecorder:
             kind="full" if config.method == "full" else "adapter",
             method=config.method,
             base_model=self.base_model,
+            base_model_revision=self.config.model_revision,
             model_name=name,
             hub_repo=config.push,
             dataset=self.dataset,
