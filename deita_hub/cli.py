@@ -62,6 +62,16 @@ def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
     return pairs
 
 
+# The vLLM backends' engine settings, shared by `embed` and `score`.
+vllm_options = click.option(
+    "--vllm-option",
+    "vllm_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="vllm backend: an extra vllm.EngineArgs setting, e.g. tensor_parallel_size=4 (repeatable).",
+)
+
+
 def pool_options(command):
     """Options every command that reads a pool shares (mirrors FormatSpec and read_pool)."""
     options = [
@@ -149,13 +159,7 @@ def _write_invalid(pool, out) -> None:
     "--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"])
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
-@click.option(
-    "--vllm-option",
-    "vllm_option",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="vllm backend: an extra vllm.EngineArgs setting, e.g. tensor_parallel_size=4 (repeatable).",
-)
+@vllm_options
 @pool_options
 def embed(
     pool,
@@ -640,13 +644,7 @@ def chat(model, prompt, system, max_new_tokens, temperature, top_p, seed, dtype,
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
 @click.option("--ray-actors", default=None, type=int, help="Ray actors (default: one per GPU, else 1).")
-@click.option(
-    "--vllm-option",
-    "vllm_option",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="vllm backend: an extra vllm.EngineArgs setting, e.g. tensor_parallel_size=4 (repeatable).",
-)
+@vllm_options
 @pool_options
 def score(
     pool,

@@ -26,6 +26,7 @@ from deita_hub.embedding.last_token import LastTokenEmbedder  # noqa: E402
 from deita_hub.errors import DeitaHubError  # noqa: E402
 from deita_hub.scoring import ScoreConfig, make_scorer, score_conversations  # noqa: E402
 from deita_hub.testing.tiny import save_digit_answering_model, save_tiny_model  # noqa: E402
+from tests.test_scoring import ROWS  # noqa: E402  (the scoring tests' conversations: multi-turn, system, long)
 
 pytestmark = pytest.mark.vllm
 
@@ -33,26 +34,6 @@ pytestmark = pytest.mark.vllm
 # (plenty for these models) instead of a share of the device's (on vLLM's CPU build: the host's) memory.
 ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 28}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def conv(*pairs, system=None):
-    turns = [{"role": "system", "content": system}] if system else []
-    for question, answer in pairs:
-        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return turns
-
-
-ROWS = [
-    conv(("What is 2 + 2?", "4.")),
-    conv(("Write a haiku about the sea " + "and the waves " * 12, "Blue water rolls in.")),
-    conv(
-        ("Explain recursion.", "A function calling itself."),
-        ("Give an example.", "factorial(n)."),
-        system="Be brief.",
-    ),
-    conv(("Translate 'bonjour' into English, then explain its origin in " + "detail " * 30, "Hello.")),
-    conv(("Hi", "Hello! How can I help?")),
-]
 
 
 @pytest.fixture(scope="module", autouse=True)
