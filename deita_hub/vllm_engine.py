@@ -41,6 +41,11 @@ def check_options(options: Any) -> None:
     """Shape checks that need no vLLM (configs call this when they are built)."""
     if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
         raise DeitaHubError(f"vllm_options must be a mapping of engine argument names, got {options!r}")
+    if "hf_token" in options:  # options are recorded in the outputs' metadata: a token must never be one
+        raise DeitaHubError(
+            "vllm_options cannot carry hf_token: the Hub token comes from HF_TOKEN or `hf auth login`, never "
+            "from options (they are written into the output's metadata)"
+        )
     reserved = sorted(RESERVED & set(options))
     if reserved:
         raise DeitaHubError(

@@ -540,6 +540,10 @@ def test_vllm_options_parse_and_reserved_names_are_refused():
         parse_options(["tensor_parallel_size"])
     with pytest.raises(DeitaHubError, match=r"cannot set \['dtype', 'max_model_len'\]"):
         ScoreConfig(scorer="quality", model="m", vllm_options={"dtype": "half", "max_model_len": 9})
+    secret = "hf_" + "abcdefghijklmnop"  # built here: no token-like literal in the sources
+    with pytest.raises(DeitaHubError, match="cannot carry hf_token") as refused:
+        ScoreConfig(scorer="quality", model="m", vllm_options={"hf_token": secret})
+    assert secret not in str(refused.value)
     with pytest.raises(DeitaHubError, match="mapping"):
         ScoreConfig(scorer="quality", model="m", vllm_options=["enforce_eager"])
     assert ScoresSpec(vllm_options={"enforce_eager": True}).vllm_options == {"enforce_eager": True}
