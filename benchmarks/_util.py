@@ -65,6 +65,24 @@ def save_benchmark_llama(folder, hidden: int, layers: int, *, answers_digits: bo
     return save_tiny_model(folder, "llama", **size)
 
 
+def llm_benchmark_parser(doc: str):
+    """The options score.py and embed.py share: rows, batching, the random LLaMA's size, device, backend."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--block", type=int, default=64, help="rows per interleaved timing block")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    parser.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
 def vllm_options(pairs: list[str]) -> dict:
     """--vllm-option KEY=VALUE pairs, read as deita-hub's CLI reads them."""
     from deita_hub.vllm_engine import parse_options

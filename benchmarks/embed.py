@@ -14,7 +14,6 @@ With --backend vllm the batched side is vLLM's pooling runner (LAST pooling, no 
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import random_text, save_benchmark_llama, vllm_options  # noqa: E402
+from _util import llm_benchmark_parser, random_text, save_benchmark_llama, vllm_options  # noqa: E402
 
 
 def make_rows(n: int, seed: int) -> list[list[dict[str, str]]]:
@@ -38,19 +37,7 @@ def make_rows(n: int, seed: int) -> list[list[dict[str, str]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rows", type=int, default=192)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--block", type=int, default=64, help="rows per interleaved timing block")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
-    parser.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE")
+    parser = llm_benchmark_parser(__doc__)
     args = parser.parse_args()
 
     from deita_hub.embedding import EmbedConfig

@@ -140,6 +140,11 @@ class PushResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repo id 'namespace/name' rather than a local path (./x, /x, ~/x, x/)."""
+    return name.count("/") == 1 and not name.startswith((".", "~")) and all(name.split("/"))
+
+
 def _is_loopback(endpoint: str | None) -> bool:
     return bool(endpoint) and (urlsplit(endpoint).hostname or "") in _LOOPBACK
 
@@ -447,7 +452,7 @@ def push_folder(
     repo_type = repo_type or detect_repo_type(folder)
     if repo_type not in REPO_TYPES:
         raise DeitaHubError(f"repo type must be one of {', '.join(REPO_TYPES)}, not {repo_type!r}")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    if not is_repo_id(repo_id):
         raise DeitaHubError(f"repo id must look like 'namespace/name', got {repo_id!r}")
     branch = revision or "main"
     if branch.startswith("refs/") or re.fullmatch(r"[0-9a-f]{40}", branch):

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from deita_hub.conversations import FormatSpec, to_conversation
 from deita_hub.errors import DeitaHubError, InvalidRecordError
+from deita_hub.hub import is_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def _read_source(
         _hash_path(local, digest)
         dataset = _load_hf(str(local), config=config, split=split, revision=revision, local=True)
         return dataset.data.table, None, digest.hexdigest()
-    if "/" in str(path) and not str(path).startswith((".", "/")) and str(path).count("/") == 1:
+    if is_repo_id(str(path)):
         dataset = _load_hf(str(path), config=config, split=split, revision=revision, local=False)
         return (
             dataset.data.table,

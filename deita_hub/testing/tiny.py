@@ -45,7 +45,6 @@ def tiny_causal_lm(
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
     max_position_embeddings: int = 2048,
-    head_dim: int | None = None,
     seed: int = 0,
     **config_kwargs,
 ):
@@ -54,10 +53,10 @@ def tiny_causal_lm(
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
     config_cls = {"mistral": MistralConfig, "llama": LlamaConfig}[kind]
-    # head_dim defaults to hidden_size / num_heads (16 here); vLLM's CPU attention needs at least 32.
-    extra = config_kwargs if head_dim is None else {**config_kwargs, "head_dim": head_dim}
+    # config_kwargs: any other config field, e.g. head_dim (default hidden_size / num_heads, 16 here; vLLM's CPU
+    # attention needs at least 32) or mlp_bias.
     config = config_cls(
-        **extra,
+        **config_kwargs,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
@@ -84,7 +83,7 @@ def save_tiny_model(out_dir: str | Path, kind: str = "mistral", *, seed: int = 0
     return out_dir
 
 
-def save_digit_answering_model(out_dir: str | Path, *, head_dim: int | None = None, **model_kwargs) -> Path:
+def save_digit_answering_model(out_dir: str | Path, **model_kwargs) -> Path:
     """A tiny random LLaMA (+ Llama-2 tokenizer) whose next token is always one of the six digits "1".."6".
 
     A Deita scorer puts the digits on top; vLLM returns at most the top-20 log-probs, so its backend needs a
@@ -99,9 +98,7 @@ def save_digit_answering_model(out_dir: str | Path, *, head_dim: int | None = No
     out_dir = Path(out_dir)
     tokenizer = llama2_tokenizer()
     model_kwargs = {"seed": 3, **model_kwargs}
-    model = tiny_causal_lm(
-        "llama", vocab_size=len(tokenizer), head_dim=head_dim, mlp_bias=True, **model_kwargs
-    )
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), mlp_bias=True, **model_kwargs)
     digits = digit_token_ids(tokenizer)
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.bias.zero_()[0] = 20.0

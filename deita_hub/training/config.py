@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deita_hub.errors import DeitaHubError, MissingExtraError
+from deita_hub.hub import is_repo_id
 
 METHODS = ("qlora", "lora", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -206,9 +207,7 @@ class TrainConfig:
             )
         if self.save_total_limit is not None and self.save_total_limit < 1:
             check.errors.append(f"'save_total_limit' must be null or positive, got {self.save_total_limit}")
-        if self.push is not None and (
-            self.push.count("/") != 1 or self.push.startswith(("/", ".")) or self.push.endswith("/")
-        ):
+        if self.push is not None and not is_repo_id(self.push):
             check.errors.append(f"'push' must be a Hub repo id 'org/name', got '{self.push}'")
         check.raise_if_any()
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from deita_hub.chat_template import VICUNA_CHAT_TEMPLATE
 from deita_hub.errors import DeitaHubError
+from deita_hub.hub import is_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _build_summary(config) -> dict[str, Any] | None:
             build = json.loads((path / BUILD_RECORD).read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DeitaHubError(f"{path / BUILD_RECORD}: invalid JSON: {exc.msg}") from exc
-    elif not path.exists() and config.dataset.count("/") == 1:
+    elif not path.exists() and is_repo_id(config.dataset):
         build = _hub_build_record(config)
     return summarise_build(build, config.dataset_config) if isinstance(build, dict) else None
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deita_hub.errors import DeitaHubError, require
+from deita_hub.hub import is_repo_id
 from deita_hub.training import record as run_record
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ class MergeResult:
 # What a merge needs from a Hub adapter repo: configs, tokenizer, template, record and the adapter weights; never
 # the weights of a full model that a mistaken repo id would point at.
 _ADAPTER_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "adapter_model.*"]
-
-
-def _is_repo_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith(("/", ".", "~")) and all(name.split("/"))
 
 
 def download_adapter(repo_id: str, revision: str | None = None) -> Path:
@@ -89,13 +86,13 @@ def merge_adapter(
         raise DeitaHubError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DeitaHubError(f"{out_dir} exists and is not empty; choose another --out or remove it")
-    if push is not None and push.count("/") != 1:
+    if push is not None and not is_repo_id(push):
         raise DeitaHubError(f"--push must be a Hub repo id 'org/name', got '{push}'")
     if Path(adapter).is_dir():
         if revision is not None:
             raise DeitaHubError(f"--revision is for a Hub adapter repo; {adapter} is a local folder")
         adapter_dir = Path(adapter)
-    elif _is_repo_id(str(adapter)):
+    elif is_repo_id(str(adapter)):
         adapter_dir = download_adapter(str(adapter), revision)
     else:
         raise DeitaHubError(f"adapter '{adapter}' is neither a folder nor a Hub repo id (org/name)")
