@@ -26,22 +26,23 @@ def peak_rss_bytes() -> int:
 
 
 def clustered_embeddings(
-    path, rows: int, dim: int, clusters: int, noise: float, seed: int = 0, chunk: int = 16384
+    path, rows: int, dim: int, clusters: int, noise: float, seed: int = 0, chunk: int = 16384, dtype="float32"
 ):
-    """Rows = a random cluster centre + Gaussian noise, written chunk by chunk (never all in memory).
+    """Rows = a random cluster centre + Gaussian noise, written chunk by chunk (never all in memory), as
+    `dtype` (float32, or float16 as a 7B model's 4096-d embeddings are usually stored).
 
     Members of one cluster have cosine ~1/(1+noise^2) to each other: noise 0.3 -> ~0.92, so at max_similarity 0.9
     each cluster contributes one row, and fewer rows than a large budget survive (a full scan).
     """
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, dim)).astype(np.float32)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(rows, dim))
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         members = rng.integers(0, clusters, stop - start)
-        out[start:stop] = centres[members] + rng.normal(scale=noise, size=(stop - start, dim)).astype(
-            np.float32
-        )
+        noise_rows = rng.standard_normal(size=(stop - start, dim), dtype=np.float32) * np.float32(noise)
+        out[start:stop] = centres[members] + noise_rows
+        out.flush()  # write back as we go: dirty pages of an 8 GiB file must not pile up in memory
     out.flush()
     del out
 

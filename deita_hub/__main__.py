@@ -1,3 +1,5 @@
+import sys
+
 from deita_hub.cli import main
 
-main()
+sys.exit(main())

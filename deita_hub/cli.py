@@ -1,5 +1,9 @@
 """`deita-hub`: one click group. Each command parses its options, calls one library function, prints a result.
 
+The options of a stage's command are generated from that stage's config dataclass (`deita_hub.config`): the
+dataclass is the one declaration of name, type, default, choices and help. Commands that read a YAML file (`build`,
+`train`) take the same options as overrides of the file, plus `--set KEY=VALUE` for any key.
+
 Domain errors (DeitaHubError) become one line on stderr and exit code 1; anything else is a bug and keeps its
 traceback.
 """
@@ -7,127 +11,223 @@ traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
 from deita_hub import __version__
+from deita_hub.config import cli_options, cli_values, describe, from_cli, parse_pairs, take
+from deita_hub.conversations import FormatSpec
+from deita_hub.embedding import EmbedConfig
 from deita_hub.errors import DeitaHubError
+from deita_hub.evaluation.config import EvalConfig
+from deita_hub.recipes import PoolSpec, ScoresSpec
+from deita_hub.scoring.config import ScoreConfig
+from deita_hub.selection import SelectionConfig
+from deita_hub.training.config import TrainConfig
+
+# Pipeline order, the order `deita-hub --help` lists the commands in.
+ORDER = (
+    "demo-pool",
+    "recipe",
+    "score",
+    "embed",
+    "select",
+    "build",
+    "push",
+    "train",
+    "merge",
+    "chat",
+    "eval",
+    "card",
+)
+
+log = logging.getLogger("deita_hub")
+
+
+def _set_verbosity(verbose: int, quiet: bool) -> None:
+    """By default a command prints its own progress and results only: other libraries' INFO lines, weight-loading
+    bars and warnings that do not concern the command are silenced. -v shows them; -q hides progress too."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    log.setLevel(level)
+    logging.getLogger("huggingface_hub").propagate = bool(verbose)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["DEITA_HUB_QUIET"] = "1"
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        import warnings
+
+        warnings.filterwarnings("ignore", module="bitsandbytes")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def _verbosity_callback(ctx, param, value):
+    store = ctx.ensure_object(dict)
+    store[param.name] = store.get(param.name) or value
+    _set_verbosity(store.get("verbose") or 0, bool(store.get("quiet")))
+    return value
+
+
+def _verbosity_options(command):
+    """-v/--verbose and -q/--quiet: accepted before and after the command's name."""
+    command = click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_verbosity_callback,
+        help="Print results and errors only (no progress).",
+    )(command)
+    return click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_verbosity_callback,
+        help="Also show other libraries' logs and progress bars.",
+    )(command)
+
+
+class _Command(click.Command):
+    def get_short_help_str(self, limit: int = 45) -> str:
+        # the whole first sentence of the docstring: click's default cuts it at 45 characters
+        return (self.help or "").strip().split("\n")[0].rstrip(".")
 
 
 class _Group(click.Group):
+    command_class = _Command
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DeitaHubError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            ctx.exit(1)
+
+    def list_commands(self, ctx):
+        return sorted(self.commands, key=lambda name: ORDER.index(name) if name in ORDER else len(ORDER))
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return (self.help or "").strip().split("\n")[0].rstrip(".")
+
+    def add_command(self, cmd, name=None):
+        _verbosity_options(cmd)
+        super().add_command(cmd, name)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+_Group.group_class = _Group
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="deita-hub")
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def cli(verbose: bool) -> None:
-    """Deita data selection and Hugging Face Hub releases: score, embed, select, build, push, train."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+@_verbosity_options
+def cli() -> None:
+    """Deita data selection and Hugging Face Hub releases: score, embed, select, build, push, train, eval."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script; tests call it in-process: `main(["select", ...])` returns the exit code."""
+    try:
+        # without standalone mode click returns the code of `ctx.exit(code)` instead of raising
+        code = cli.main(args=argv, prog_name="deita-hub", standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except DeitaHubError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+def _exit(code: int) -> None:
+    if code:
+        sys.exit(code)
+
+
+# --- options shared by several commands -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Where a command publishes its output on the Hub (build, push, merge, eval)."""
+
+    push: str | None = field(
+        default=None, metadata={"help": "Hub repo id (org/name) to push to", "metavar": "REPO_ID"}
     )
-    if not verbose:  # one line per HTTP request is noise unless asked for
-        for name in ("httpx", "httpx2", "httpcore"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("huggingface_hub").propagate = False  # it has its own handler: no doubled lines
-
-
-def main() -> None:
-    cli(prog_name="deita-hub")
-
-
-# Commands are grouped by pipeline stage below; each section imports its library module lazily so that
-# `deita-hub --help` stays fast and works on the core install.
-
-# --- pool / embed / select / build ---
-
-_POOL_HELP = (
-    "JSON, JSONL or parquet file, saved HF dataset folder, built deita-hub folder, or Hub dataset id."
-)
-
-
-def _key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
-    pairs = {}
-    for item in values:
-        if "=" not in item:
-            raise DeitaHubError(f"{option} takes KEY=VALUE, got '{item}'")
-        key, value = item.split("=", 1)
-        pairs[key.strip()] = value.strip()
-    return pairs
-
-
-# The vLLM backends' engine settings, shared by `embed` and `score`.
-vllm_options = click.option(
-    "--vllm-option",
-    "vllm_option",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="vllm backend: an extra vllm.EngineArgs setting, e.g. tensor_parallel_size=4 (repeatable).",
-)
+    tag: str | None = field(
+        default=None, metadata={"help": "tag the pushed commit (an existing tag never moves)"}
+    )
+    private: bool = field(
+        default=False, metadata={"help": "create the repo private (an existing repo keeps its visibility)"}
+    )
+    branch: str | None = field(
+        default=None,
+        metadata={"help": "branch to push to (created from main if missing; default main)"},
+    )
 
 
 def pool_options(command):
-    """Options every command that reads a pool shares (mirrors FormatSpec and read_pool)."""
-    options = [
-        click.option(
-            "--format",
-            "pool_format",
-            default="auto",
-            show_default=True,
-            type=click.Choice(["auto", "sharegpt", "openai", "alpaca"]),
-            help="Pool format.",
-        ),
-        click.option(
-            "--field",
-            "fields",
-            multiple=True,
-            metavar="NAME=COLUMN",
-            help="Field mapping, e.g. output_field=response, conversations_field=turns (FormatSpec names).",
-        ),
-        click.option(
-            "--role-map",
-            "role_map",
-            multiple=True,
-            metavar="ROLE=CANONICAL",
-            help="Map extra roles, e.g. function_call=assistant, observation=user.",
-        ),
-        click.option(
-            "--skip-invalid",
-            is_flag=True,
-            help="Skip invalid rows (written with reasons next to the output) instead of failing.",
-        ),
-        click.option("--config", "hf_config", default=None, help="HF dataset sources: config name."),
-        click.option("--split", default="train", show_default=True, help="HF dataset sources: split."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    """The options of every command that reads a pool: PoolSpec's and FormatSpec's fields, plus `--field`."""
+    command = click.option(
+        "--field",
+        "fields",
+        multiple=True,
+        metavar="NAME=COLUMN",
+        help="shorthand for the --*-field options, e.g. --field output=response (repeatable)",
+    )(command)
+    command = cli_options(FormatSpec)(command)
+    return cli_options(PoolSpec)(command)
 
 
-def _read_pool_from_options(pool, pool_format, fields, role_map, skip_invalid, hf_config, split):
-    from deita_hub.conversations import FormatSpec
+def _read_pool(pool: str, values: dict):
+    """Read POOL with the pool options in `values` (popped from it)."""
     from deita_hub.pool import read_pool
 
-    try:
-        spec = FormatSpec(
-            format=pool_format, role_map=_key_values(role_map, "--role-map"), **_key_values(fields, "--field")
-        )
-    except TypeError as exc:
-        raise DeitaHubError(f"--field: {exc}") from None
+    fields = values.pop("fields", ())
+    spec_values = take(values, FormatSpec)
+    names = {
+        name.removesuffix("_field") for name in FormatSpec.__dataclass_fields__ if name.endswith("_field")
+    }
+    for name, column in parse_pairs(fields, "--field").items():
+        short = name.removesuffix("_field")
+        if short not in names:
+            raise DeitaHubError(f"--field: unknown field '{name}'; one of {', '.join(sorted(names))}")
+        spec_values[f"{short}_field"] = column
+    spec = from_cli(FormatSpec, spec_values)
+    source = from_cli(PoolSpec, take(values, PoolSpec), extra={"format": spec})
     return read_pool(
-        pool, spec, on_invalid="skip" if skip_invalid else "error", config=hf_config, split=split
+        pool,
+        source.format,
+        on_invalid=source.on_invalid,
+        config=source.config,
+        split=source.split,
+        revision=source.revision,
     )
 
 
 def _write_invalid(pool, out) -> None:
-    from pathlib import Path
-
     if pool.invalid:
         from deita_hub.io import write_rows
 
@@ -136,61 +236,109 @@ def _write_invalid(pool, out) -> None:
         click.echo(f"skipped {len(pool.invalid)} invalid row(s); reasons in {path}", err=True)
 
 
+def _help_config(lines_of):
+    """An eager `--help-config` option printing the config keys `lines_of()` lists."""
+
+    def callback(ctx, _param, value):
+        if not value or ctx.resilient_parsing:
+            return
+        title, lines = lines_of()
+        click.echo(title + "\n")
+        for line in lines:
+            click.echo(line)
+        ctx.exit()
+
+    return click.option(
+        "--help-config",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=callback,
+        help="List every key of the YAML file with its default and meaning, then exit.",
+    )
+
+
+_SET = click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any key of the file (dotted for nested keys; the value is YAML). Repeatable.",
+)
+
+
+def _report_push(result) -> None:
+    if result.created_commit:
+        click.echo(f"pushed {result.repo_type} {result.repo_id}@{result.revision}: {result.commit_url}")
+    else:
+        click.echo(
+            f"unchanged: {result.repo_type} {result.repo_id}@{result.revision} already holds this content "
+            f"({result.head_oid[:12]}); no commit made"
+        )
+    if result.tag:
+        click.echo(f"tag {result.tag} -> {result.head_oid[:12]} ({result.url}/tree/{result.tag})")
+
+
+# --- pool / score / embed / select / build ----------------------------------------------------------------------
+
+
+@cli.command("demo-pool")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .jsonl.")
+@click.option("--rows", default=2400, show_default=True, type=int, help="Conversations to write.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the generator.")
+def demo_pool(out, rows, seed):
+    """Write the demo recipe's synthetic ShareGPT pool (synthetic scores included) to try the commands on."""
+    from deita_hub.demo import generate_pool
+    from deita_hub.io import write_rows
+
+    write_rows(generate_pool(rows, seed), out)
+    click.echo(f"wrote {out}: {rows} synthetic conversations")
+
+
+@cli.command()
+@click.argument("pool")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output .jsonl: every input field plus complexity_scores / quality_scores.",
+)
+@cli_options(ScoreConfig)
+@pool_options
+def score(pool, out, **values):
+    """Score POOL with a Deita scorer, per (user, assistant) pair; resumes an interrupted run of the same OUT."""
+    from deita_hub.scoring import failures_path, score_pool
+
+    config = from_cli(ScoreConfig, take(values, ScoreConfig))
+    data = _read_pool(pool, values)
+    meta = score_pool(data, config, out)
+    _write_invalid(data, out)
+    rate = f", {meta['rows_per_second']} rows/s" if meta.get("rows_per_second") else ""
+    click.echo(
+        f"wrote {out}: {meta['num_rows']} rows, {meta['num_pairs']} pairs scored ({meta['output_field']}"
+        f"{rate}; {meta['resumed_rows']} resumed, {meta['truncated_pairs']} truncated)"
+    )
+    if meta["num_failed_rows"]:
+        click.echo(
+            f"{meta['num_failed_rows']} row(s) could not be scored (null scores); reasons in "
+            f"{failures_path(Path(out))}",
+            err=True,
+        )
+
+
 @cli.command()
 @click.argument("pool")
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False), help="Output .npy (+ .npy.json metadata)."
 )
-@click.option(
-    "--method",
-    default="sentence",
-    show_default=True,
-    type=click.Choice(["sentence", "last-token"]),
-    help="sentence-transformers, or Deita's causal-LM last-token embedder.",
-)
-@click.option(
-    "--model", default=None, help="Hub id or folder; default (sentence): packaged all-MiniLM-L6-v2."
-)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--max-length", default=None, type=int, help="Tokens kept per row (beginning kept).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
-@click.option("--dtype", default="auto", show_default=True, help="last-token weights dtype.")
-@click.option(
-    "--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"])
-)
-@click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
-@vllm_options
+@cli_options(EmbedConfig)
 @pool_options
-def embed(
-    pool,
-    out,
-    method,
-    model,
-    batch_size,
-    max_length,
-    device,
-    dtype,
-    backend,
-    use_ray,
-    vllm_option,
-    **pool_kwargs,
-):
-    """Embed every conversation of POOL into a memory-mappable .npy matrix."""
-    from deita_hub.embedding import EmbedConfig, embed_pool
-    from deita_hub.vllm_engine import parse_options
+def embed(pool, out, **values):
+    """Embed every conversation of POOL into a memory-mappable .npy matrix (resumable)."""
+    from deita_hub.embedding import embed_pool
 
-    data = _read_pool_from_options(pool, **pool_kwargs)
-    config = EmbedConfig(
-        method=method,
-        model=model,
-        batch_size=batch_size,
-        max_length=max_length,
-        device=device,
-        dtype=dtype,
-        backend=backend,
-        use_ray=use_ray,
-        vllm_options=parse_options(vllm_option),
-    )
+    config = from_cli(EmbedConfig, take(values, EmbedConfig))
+    data = _read_pool(pool, values)
     path, meta = embed_pool(data.conversations, out, config, pool_provenance=data.provenance())
     _write_invalid(data, out)
     click.echo(f"wrote {path}: {meta['num_rows']} x {meta['dim']} ({meta['model']})")
@@ -208,79 +356,105 @@ def embed(
     help="float32/float16 .npy whose rows align with the pool's valid rows (method deita).",
 )
 @click.option(
-    "--method", default="deita", show_default=True, type=click.Choice(["deita", "random", "score", "longest"])
-)
-@click.option("--budget", default=6000, show_default=True, type=int)
-@click.option(
-    "--max-similarity",
-    default=0.9,
-    show_default=True,
-    type=float,
-    help="Reject a candidate whose cosine similarity to a selected row is > this.",
-)
-@click.option("--seed", default=42, show_default=True, type=int, help="random: seed.")
-@click.option(
-    "--precision",
-    default="fp32",
-    show_default=True,
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    help="Matrix products' precision; results are exact either way.",
-)
-@click.option("--block-size", default=1024, show_default=True, type=int)
-@click.option(
     "--baselines",
     is_flag=True,
-    help="Also write random, score and longest selections of the same budget as OUT.<method>.<ext>.",
+    help="Also write the random, score and longest selections of the same budget the pool supports, as "
+    "OUT.<method>.<ext> (score needs the pool's scores).",
 )
-@click.option("--complexity-field", default="complexity_scores", show_default=True)
-@click.option("--quality-field", default="quality_scores", show_default=True)
+@cli_options(SelectionConfig)
+@cli_options(ScoresSpec, only=("complexity_field", "quality_field"))
 @pool_options
-def select_command(
-    pool,
-    out,
-    embeddings,
-    method,
-    budget,
-    max_similarity,
-    seed,
-    precision,
-    block_size,
-    baselines,
-    complexity_field,
-    quality_field,
-    **pool_kwargs,
-):
+def select_command(pool, out, embeddings, baselines, **values):
     """Select BUDGET rows of POOL: Deita's exact score-first, diversity-aware filter, or a baseline."""
-    from pathlib import Path
+    from deita_hub.subsets import run_select
 
-    from deita_hub.dataset import run_select
-    from deita_hub.selection import SelectionConfig
-
-    data = _read_pool_from_options(pool, **pool_kwargs)
-    config = SelectionConfig(
-        method=method,
-        budget=budget,
-        max_similarity=max_similarity,
-        seed=seed,
-        precision=precision,
-        block_size=block_size,
-    )
+    config = from_cli(SelectionConfig, take(values, SelectionConfig))
+    columns = from_cli(ScoresSpec, take(values, ScoresSpec, only=("complexity_field", "quality_field")))
+    data = _read_pool(pool, values)
     written = run_select(
         data,
         config,
         Path(out),
         embeddings=embeddings,
         baselines=baselines,
-        complexity_field=complexity_field,
-        quality_field=quality_field,
+        complexity_field=columns.complexity_field,
+        quality_field=columns.quality_field,
     )
     _write_invalid(data, out)
     for path, selection in written:
         stats = selection.stats
         click.echo(
-            f"wrote {path}: {len(selection)} rows ({stats.get('method', method)}; scanned "
+            f"wrote {path}: {len(selection)} rows ({stats.get('method', config.method)}; scanned "
             f"{stats['scanned']}, rejected {stats['rejected']})"
         )
+
+
+@cli.group("recipe")
+def recipe_group():
+    """Write a recipe for your own pool (then `deita-hub build` it)."""
+
+
+@recipe_group.command("init")
+@click.argument("pool")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="The recipe file to write (.yaml)."
+)
+@click.option("--name", default=None, help="The dataset's name (default: from the pool's file name).")
+@click.option(
+    "--embeddings",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="A .npy from `deita-hub embed POOL` to use instead of embedding in `build`.",
+)
+@click.option(
+    "--complexity-model", default=None, help="Complexity scorer for a pool without scores (default: Deita's)."
+)
+@click.option(
+    "--quality-model", default=None, help="Quality scorer for a pool without scores (default: Deita's)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing recipe file.")
+@pool_options
+def recipe_init(pool, out, name, embeddings, complexity_model, quality_model, overwrite, **values):
+    """Write a commented recipe for POOL: its detected format, score and embedding sources, the usual configs."""
+    from deita_hub.io import write_text
+    from deita_hub.recipes import init_recipe
+
+    out_path = Path(out)
+    if out_path.exists() and not overwrite:
+        raise DeitaHubError(f"{out} exists; pass --overwrite to replace it")
+    if out_path.suffix not in (".yaml", ".yml"):
+        raise DeitaHubError(f"--out must end in .yaml or .yml, got {out}")
+    if embeddings and not Path(embeddings).is_file():
+        raise DeitaHubError(f"--embeddings: file not found: {embeddings}")
+    spec = from_cli(
+        PoolSpec,
+        {
+            key: values[key]
+            for key in ("on_invalid", "config", "split", "revision")
+            if values.get(key) is not None
+        },
+    )
+    data = _read_pool(pool, values)
+    text = init_recipe(
+        data,
+        pool,
+        out_path,
+        name=name,
+        embeddings=embeddings,
+        complexity_model=complexity_model,
+        quality_model=quality_model,
+        pool_spec=spec,
+    )
+    write_text(out_path, text)
+    click.echo(
+        f"wrote {out}: {len(data)} rows, format {data.spec.format}; build it with `deita-hub build {out} --out build/NAME`"
+    )
+
+
+def _recipe_help():
+    from deita_hub.recipes import recipe_help
+
+    return "Recipe keys (dataset_scripts/*.yaml; override any with --set KEY=VALUE):", recipe_help()
 
 
 @cli.command()
@@ -293,79 +467,42 @@ def select_command(
     type=click.Path(file_okay=False),
     help="Embedding/pool cache (default $DEITA_HUB_CACHE or ~/.cache/deita-hub).",
 )
-@click.option(
-    "--push", "push_repo", default=None, metavar="REPO_ID", help="Push the built folder to this Hub repo."
-)
-@click.option("--tag", default=None, help="With --push: tag the release commit.")
-@click.option("--private", is_flag=True, help="With --push: create the repo private.")
-@click.option("--revision", default=None, help="With --push: branch to push to.")
-def build(recipe, out, overwrite, cache_dir, push_repo, tag, private, revision):
+@_SET
+@cli_options(Publish)
+@_help_config(_recipe_help)
+def build(recipe, out, overwrite, cache_dir, sets, **values):
     """Build RECIPE (dataset_scripts/*.yaml) into a Hub-layout dataset folder; optionally push it."""
     from deita_hub.dataset import build as build_dataset
     from deita_hub.resources import resolve_resource
 
-    if push_repo:  # fail on a missing or invalid token before the build, not after it
+    publish = from_cli(Publish, take(values, Publish))
+    if publish.push:  # fail on a missing or invalid token before the build, not after it
         from deita_hub.hub import check_token
 
         check_token()
     result = build_dataset(
-        resolve_resource(recipe, "dataset_scripts"), out, overwrite=overwrite, cache_dir=cache_dir
+        resolve_resource(recipe, "dataset_scripts"),
+        out,
+        overwrite=overwrite,
+        cache_dir=cache_dir,
+        overrides=sets,
     )
     for subset in result.record["subsets"]:
         click.echo(f"{subset['name']}: {subset['rows']} rows ({subset['selection']['method']})")
     click.echo(f"built {result.out}")
-    if push_repo:
+    if publish.push:
         from deita_hub.hub import push_folder
 
         _report_push(
             push_folder(
-                result.out, push_repo, repo_type="dataset", tag=tag, private=private, revision=revision
+                result.out,
+                publish.push,
+                repo_type="dataset",
+                tag=publish.tag,
+                private=publish.private,
+                revision=publish.branch,
             )
         )
-
-
-@cli.command("demo-pool")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .jsonl.")
-@click.option("--rows", default=2400, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
-def demo_pool(out, rows, seed):
-    """Write the demo recipe's synthetic ShareGPT pool (synthetic scores included) to try the commands on."""
-    from deita_hub.demo import generate_pool
-    from deita_hub.io import write_rows
-
-    write_rows(generate_pool(rows, seed), out)
-    click.echo(f"wrote {out}: {rows} synthetic conversations")
-
-
-# --- cards ---
-
-
-@cli.command("card")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--eval-results",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="JSON with mt_bench / alpaca_eval / open_llm_avg (format: deita_hub.cards docstring).",
-)
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Where to write the card (default: RUN_DIR/README.md); the loss plot goes to assets/ beside it.",
-)
-def card(run_dir, eval_results, out):
-    """(Re)generate the model card of RUN_DIR from its deita_run.json."""
-    from pathlib import Path
-
-    from deita_hub.cards import write_model_card
-
-    path = write_model_card(
-        Path(run_dir),
-        eval_results=Path(eval_results) if eval_results else None,
-        out=Path(out) if out else None,
-    )
-    click.echo(f"wrote {path}")
 
 
 # --- hub ---
@@ -381,20 +518,14 @@ def card(run_dir, eval_results, out):
     default=None,
     help="Repo type (default: detected: deita_build.json or README `configs:` -> dataset, config.json -> model).",
 )
-@click.option("--tag", default=None, help="Tag the pushed commit (an existing tag is never moved).")
-@click.option(
-    "--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility)."
-)
-@click.option(
-    "--revision", default=None, help="Branch to push to (created from main if missing; default main)."
-)
+@cli_options(Publish, exclude=("push",))
 @click.option("--message", default=None, help="Commit message (default: 'Release TAG' or 'Upload ...').")
 @click.option(
     "--delete-missing",
     is_flag=True,
     help="Delete remote files that are not in FOLDER (default: keep unrelated remote files).",
 )
-def push(folder, repo_id, repo_type, tag, private, revision, message, delete_missing):
+def push(folder, repo_id, repo_type, message, delete_missing, **values):
     """Push FOLDER to the Hub repo REPO_ID as one commit, then tag it.
 
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub (e.g. the test server
@@ -402,95 +533,37 @@ def push(folder, repo_id, repo_type, tag, private, revision, message, delete_mis
     """
     from deita_hub.hub import push_folder
 
+    publish = from_cli(Publish, take(values, Publish, exclude=("push",)))
     result = push_folder(
         folder,
         repo_id,
         repo_type=repo_type,
-        revision=revision,
-        tag=tag,
-        private=private,
+        revision=publish.branch,
+        tag=publish.tag,
+        private=publish.private,
         commit_message=message,
         delete_missing=delete_missing,
     )
     _report_push(result)
 
 
-def _report_push(result) -> None:
-    if result.created_commit:
-        click.echo(f"pushed {result.repo_type} {result.repo_id}@{result.revision}: {result.commit_url}")
-    else:
-        click.echo(
-            f"unchanged: {result.repo_type} {result.repo_id}@{result.revision} already holds this content "
-            f"({result.head_oid[:12]}); no commit made"
-        )
-    if result.tag:
-        click.echo(f"tag {result.tag} -> {result.head_oid[:12]} ({result.url}/tree/{result.tag})")
-
-
 # --- training ---
 
 
-def _print_config_help(ctx, _param, value):
-    if not value or ctx.resilient_parsing:
-        return
-    from deita_hub.training.config import config_fields
-
-    click.echo("Training config keys (YAML keys; override any with --set KEY=VALUE):\n")
-    for name, spec in config_fields().items():
-        default = spec.default_factory() if callable(spec.default_factory) else spec.default
-        click.echo(f"  {name} (default: {default!r})\n      {spec.metadata.get('help', '')}")
-    ctx.exit()
+def _train_help():
+    return "Training config keys (YAML keys; override any with its flag or --set KEY=VALUE):", describe(
+        TrainConfig
+    )
 
 
 @cli.command("train")
-@click.argument("config", required=False)
-@click.option(
-    "--dataset", default=None, help="Built dataset folder, Hub dataset id, or JSON/JSONL/parquet pool."
-)
-@click.option("--dataset-config", default=None, help="Dataset subset (e.g. 6k).")
-@click.option("--dataset-split", default=None, help="Dataset split (default: train).")
-@click.option("--dataset-revision", default=None, help="Branch, tag or commit of a Hub dataset.")
-@click.option("--model", default=None, help="Base model: Hub id, folder, or tiny:mistral / tiny:llama.")
-@click.option(
-    "--method", type=click.Choice(["qlora", "lora", "full"]), default=None, help="Fine-tuning method."
-)
-@click.option("--output-dir", default=None, help="Where checkpoints and OUTPUT_DIR/final go.")
-@click.option(
-    "--push",
-    "push_repo",
-    default=None,
-    help="Hub repo (org/name): push every checkpoint and the final model.",
-)
-@click.option("--private", is_flag=True, default=None, help="Create the pushed repo private.")
-@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in OUTPUT_DIR.")
-@click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (overrides epochs).")
-@click.option(
-    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key (YAML value)."
-)
-@click.option(
-    "--help-config",
-    is_flag=True,
-    expose_value=False,
-    is_eager=True,
-    callback=_print_config_help,
-    help="List every config key with its default and meaning, then exit.",
-)
-def train(
-    config,
-    dataset,
-    dataset_config,
-    dataset_split,
-    dataset_revision,
-    model,
-    method,
-    output_dir,
-    push_repo,
-    private,
-    resume,
-    max_steps,
-    sets,
-):
-    """Supervised fine-tuning with the Vicuna v1.1 template (TRL SFTTrainer; qlora, lora or full).
+@click.argument("config_file", metavar="CONFIG", required=False)
+@cli_options(TrainConfig, overrides=True)
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in OUT.")
+@_SET
+@_help_config(_train_help)
+def train(config_file, resume, sets, **values):
+    """Fine-tune with the Vicuna v1.1 template (TRL; qlora, lora or full).
 
     CONFIG is a YAML file (configs/mistral-7b-qlora.yaml, mistral-7b-lora.yaml, mistral-7b-full.yaml,
     tiny-cpu.yaml; packaged names work anywhere). Flags override its keys. Multi-GPU: `accelerate launch
@@ -501,23 +574,11 @@ def train(
     from deita_hub.training.config import load_config
     from deita_hub.training.trainer import train as run_training
 
-    overrides = {}
-    for key, raw in _key_values(sets, "--set").items():
-        overrides[key] = yaml.safe_load(raw)
-    flags = {
-        "dataset": dataset,
-        "dataset_config": dataset_config,
-        "dataset_split": dataset_split,
-        "dataset_revision": dataset_revision,
-        "model": model,
-        "method": method,
-        "output_dir": output_dir,
-        "push": push_repo,
-        "push_private": private,
-        "max_steps": max_steps,
-    }
-    overrides.update({key: value for key, value in flags.items() if value is not None})
-    result = run_training(load_config(config, overrides), resume=resume)
+    overrides = {key: yaml.safe_load(raw) for key, raw in parse_pairs(sets, "--set").items()}
+    flags = take(values, TrainConfig)
+    if flags:
+        overrides.update(cli_values(TrainConfig, flags))
+    result = run_training(load_config(config_file, overrides), resume=resume)
     if result.resumed_from is not None:
         click.echo(f"resumed from checkpoint-{result.resumed_from}")
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
@@ -539,28 +600,29 @@ def train(
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
-    default="bfloat16",
-    help="dtype of the base and of the merged weights.",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="dtype of the base and of the merged weights; auto: bfloat16.",
 )
 @click.option(
     "--base", "base_model", default=None, help="Base model (default: the adapter's base_model_name_or_path)."
 )
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub ADAPTER repo.")
-@click.option("--push", "push_repo", default=None, help="Hub repo (org/name) to push the merged model to.")
-@click.option("--private", is_flag=True, help="Create the pushed repo private.")
-def merge(adapter, out_dir, dtype, base_model, revision, push_repo, private):
-    """Merge a LoRA/QLoRA ADAPTER (OUTPUT_DIR/final, a checkpoint, or a pushed Hub repo) into its base model."""
+@cli_options(Publish, only=("push", "private"))
+def merge(adapter, out_dir, dtype, base_model, revision, **values):
+    """Merge a LoRA/QLoRA ADAPTER (OUT/final, a checkpoint, or a pushed Hub repo) into its base model."""
     from deita_hub.training.merge import merge_adapter
 
+    publish = from_cli(Publish, take(values, Publish, only=("push", "private")))
     result = merge_adapter(
         adapter,
         out_dir,
-        dtype=dtype,
+        dtype="bfloat16" if dtype == "auto" else dtype,
         base_model=base_model,
         revision=revision,
-        push=push_repo,
-        private=private,
+        push=publish.push,
+        private=publish.private,
     )
     click.echo(f"merged into {result.base_model}: {result.out_dir}")
     if result.pushed:
@@ -573,15 +635,22 @@ def merge(adapter, out_dir, dtype, base_model, revision, push_repo, private):
     "--prompt", default=None, help="One message: print the reply and exit (default: read stdin lines)."
 )
 @click.option("--system", default=None, help="System prompt (default: Vicuna v1.1's).")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--max-new-tokens", type=int, default=256, show_default=True, help="Tokens generated per reply."
+)
+@click.option(
+    "--temperature", type=float, default=0.0, show_default=True, help="Sampling temperature; 0 = greedy."
+)
+@click.option(
+    "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling probability mass."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
     default="auto",
-    help="auto: bfloat16 on GPU, float32 on CPU.",
+    show_default=True,
+    help="dtype of the model weights; auto: bfloat16 on a GPU, float32 on a CPU.",
 )
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub model.")
 def chat(model, prompt, system, max_new_tokens, temperature, top_p, seed, dtype, revision):
@@ -600,98 +669,56 @@ def chat(model, prompt, system, max_new_tokens, temperature, top_p, seed, dtype,
         chat_loop(loaded, tokenizer, settings, system=system)
 
 
-# --- scoring ---
+# --- evaluation ---
 
 
-@cli.command()
-@click.argument("pool")
+@cli.command("eval")
+@cli_options(EvalConfig)
+def eval_command(**values):
+    """Evaluate MODEL: MT-Bench, AlpacaEval, the Open LLM tasks or held-out loss; results into its card.
+
+    MODEL is a training run's folder (its card's Performance section and model-index are regenerated), a model or
+    adapter folder, or a Hub id (with --revision). --push REPO updates that repo's card in one commit.
+    """
+    from deita_hub.evaluation import run_eval
+
+    config = from_cli(EvalConfig, take(values, EvalConfig))
+    report = run_eval(config)
+    for suite in report.suites:
+        entry = report.results.get("suites", {}).get(suite, {})
+        headline = entry.get("headline") if isinstance(entry, dict) else None
+        click.echo(f"{suite}: {headline if headline is not None else 'done'}")
+    click.echo(f"results in {report.out / 'results.json'}")
+    if report.card:
+        click.echo(f"card updated: {report.card}")
+    if report.pushed_commit:
+        click.echo(f"pushed card: {report.pushed_commit}")
+
+
+# --- cards ---
+
+
+@cli.command("card")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "--scorer",
-    required=True,
-    type=click.Choice(["complexity", "quality"]),
-    help="complexity reads each instruction; quality reads each (instruction, response) pair.",
-)
-@click.option(
-    "--model", required=True, help="Scorer model: Hub id or folder (e.g. hkust-nlp/deita-complexity-scorer)."
+    "--eval-results",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="results.json of `deita-hub eval` (or a JSON with mt_bench / alpaca_eval / open_llm_avg).",
 )
 @click.option(
     "--out",
-    required=True,
     type=click.Path(dir_okay=False),
-    help="Output .jsonl: every input field plus complexity_scores / quality_scores.",
+    default=None,
+    help="Where to write the card (default: RUN_DIR/README.md); the loss plot goes to assets/ beside it.",
 )
-@click.option(
-    "--backend", default="transformers", show_default=True, type=click.Choice(["transformers", "vllm"])
-)
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Prompts per forward pass.")
-@click.option(
-    "--max-length", default=2048, show_default=True, type=int, help="Max prompt tokens (incl. BOS)."
-)
-@click.option(
-    "--truncation-side",
-    default="right",
-    show_default=True,
-    type=click.Choice(["right", "left", "none"]),
-    help="Cut longer prompts inside the text (right keeps its beginning), or fail them (none).",
-)
-@click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    help="auto: bf16 on GPU, fp32 on CPU.",
-)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
-@click.option("--ray", "use_ray", is_flag=True, help="Map over a Ray cluster (extra [ray]).")
-@click.option("--ray-actors", default=None, type=int, help="Ray actors (default: one per GPU, else 1).")
-@vllm_options
-@pool_options
-def score(
-    pool,
-    scorer,
-    model,
-    out,
-    backend,
-    batch_size,
-    max_length,
-    truncation_side,
-    dtype,
-    device,
-    use_ray,
-    ray_actors,
-    vllm_option,
-    **pool_kwargs,
-):
-    """Score POOL with a Deita scorer, per (user, assistant) pair; resumes an interrupted run of the same OUT."""
-    from pathlib import Path
+def card(run_dir, eval_results, out):
+    """(Re)generate the model card of RUN_DIR from its deita_run.json."""
+    from deita_hub.cards import write_model_card
 
-    from deita_hub.scoring import ScoreConfig, failures_path, score_pool
-    from deita_hub.vllm_engine import parse_options
-
-    config = ScoreConfig(
-        scorer=scorer,
-        model=model,
-        backend=backend,
-        batch_size=batch_size,
-        max_length=max_length,
-        truncation_side=truncation_side,
-        dtype=dtype,
-        device=device,
-        use_ray=use_ray,
-        ray_actors=ray_actors,
-        vllm_options=parse_options(vllm_option),
+    path = write_model_card(
+        Path(run_dir),
+        eval_results=Path(eval_results) if eval_results else None,
+        out=Path(out) if out else None,
     )
-    data = _read_pool_from_options(pool, **pool_kwargs)
-    meta = score_pool(data, config, out)
-    _write_invalid(data, out)
-    rate = f", {meta['rows_per_second']} rows/s" if meta.get("rows_per_second") else ""
-    click.echo(
-        f"wrote {out}: {meta['num_rows']} rows, {meta['num_pairs']} pairs scored ({meta['output_field']}"
-        f"{rate}; {meta['resumed_rows']} resumed, {meta['truncated_pairs']} truncated)"
-    )
-    if meta["num_failed_rows"]:
-        click.echo(
-            f"{meta['num_failed_rows']} row(s) could not be scored (null scores); reasons in "
-            f"{failures_path(Path(out))}",
-            err=True,
-        )
+    click.echo(f"wrote {path}")

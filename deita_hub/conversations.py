@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from deita_hub.config import Problems
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 
 Format = Literal["auto", "sharegpt", "openai", "alpaca"]
@@ -35,7 +36,14 @@ TO_SHAREGPT = {"user": "human", "assistant": "gpt", "system": "system"}
 class FormatSpec:
     """How pool rows map to conversations. YAML recipes and CLI flags mirror these fields."""
 
-    format: str = field(default="auto", metadata={"help": "auto | sharegpt | openai | alpaca"})
+    format: str = field(
+        default="auto",
+        metadata={
+            "help": "pool format; auto detects it from the columns",
+            "choices": FORMATS,
+            "flag": "--format",
+        },
+    )
     conversations_field: str = field(default="conversations", metadata={"help": "ShareGPT turns column"})
     messages_field: str = field(default="messages", metadata={"help": "OpenAI messages column"})
     instruction_field: str = field(default="instruction", metadata={"help": "Alpaca instruction column"})
@@ -48,17 +56,26 @@ class FormatSpec:
     )
     role_map: Mapping[str, str] = field(
         default_factory=dict,
-        metadata={"help": "extra role names -> system/user/assistant, e.g. {function_call: assistant}"},
+        metadata={
+            "help": "map an extra role name to system, user or assistant, e.g. function_call=assistant",
+            "flag": "--role-map",
+            "metavar": "ROLE=CANONICAL",
+        },
     )
 
     def __post_init__(self):
+        problems = Problems()
         if self.format not in FORMATS:
-            raise DeitaHubError(f"unknown pool format '{self.format}'; expected one of {', '.join(FORMATS)}")
+            problems.add(
+                "format", f"unknown pool format '{self.format}'; expected one of {', '.join(FORMATS)}"
+            )
         for name, role in self.role_map.items():
             if role not in CANONICAL_ROLES:
-                raise DeitaHubError(
-                    f"role_map maps '{name}' to '{role}'; targets must be one of {', '.join(CANONICAL_ROLES)}"
+                problems.add(
+                    "role_map",
+                    f"maps '{name}' to '{role}'; targets must be one of {', '.join(CANONICAL_ROLES)}",
                 )
+        problems.raise_if_any()
 
     def resolve(self, columns: Iterable[str]) -> FormatSpec:
         """Pick the format from the columns when `auto`; fail naming what was expected."""
@@ -96,7 +113,7 @@ class FormatSpec:
         if missing:
             raise DeitaHubError(
                 f"{fmt} pool is missing column(s) {missing}; columns are {sorted(columns)} "
-                "(map field names in the recipe's 'format' section or with --field options)"
+                "(map field names in the recipe's pool.format section or with --output-field/--instruction-field ... options)"
             )
         return spec
 

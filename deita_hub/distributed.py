@@ -1,9 +1,10 @@
 """Scoring and embedding over a Ray cluster (extra `[ray]`): Ray Data `map_batches` over an actor pool.
 
-Each actor loads the model once and handles a batch of rows the way the local path does (length-sorted batches
-for transformers, one `generate`/`embed` call for vLLM), so results equal the local path's. Rows travel with
-their index and come back in any order; the driver puts them in place. Scoring results stream back to the
-driver as batches finish, so the caller's checkpoint keeps every finished row.
+The stages hand in their actor classes (`scoring.run.ScoreActor`, `embedding.EmbedActor`), so this module
+imports none of them. Each actor loads the model once and handles a batch of rows the way the local path does
+(length-sorted batches for transformers, one `generate`/`embed` call for vLLM), so results equal the local
+path's. Rows travel with their index and come back in any order; the driver puts them in place. Scoring results
+stream back to the driver as batches finish, so the caller's checkpoint keeps every finished row.
 
 `ray.init()` is called when Ray is not initialised yet: it joins the cluster named by RAY_ADDRESS, or starts
 a local one on this machine. On a cluster with GPUs each actor takes one GPU; otherwise one CPU.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,54 +47,11 @@ def _dataset(ray, conversations: Sequence[Any], rows: Sequence[int]):
     return ray.data.from_items(items)
 
 
-def _with_metadata(rows: list[int], column: str, values: np.ndarray, metadata: dict) -> dict[str, np.ndarray]:
+def with_metadata(rows: list[int], column: str, values: np.ndarray, metadata: dict) -> dict[str, np.ndarray]:
+    """An actor's output batch: row ids, one value per row under `column`, and the backend's metadata."""
     # The backend's metadata rides on the first row of each batch (empty elsewhere), not on every row.
     meta = np.array([json.dumps(metadata)] + [""] * (len(rows) - 1), dtype=object)
     return {"row": np.asarray(rows, dtype=np.int64), column: values, "meta": meta}
-
-
-class ScoreActor:
-    """One scorer model per actor; `__call__` scores a batch of rows and returns one record per row."""
-
-    def __init__(self, config):
-        from deita_hub.scoring import make_scorer
-
-        started = time.perf_counter()
-        self.config = config
-        self.scorer = make_scorer(config)
-        # Kept out of rows/s like a local run's model load (Ray's own start-up is not: it is the cluster's).
-        self.metadata = {
-            **self.scorer.metadata(),
-            "actor_load_seconds": round(time.perf_counter() - started, 3),
-        }
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from deita_hub.scoring import score_rows
-
-        rows = [int(r) for r in batch["row"]]
-        items = [(row, json.loads(text)) for row, text in zip(rows, batch["conversation"], strict=True)]
-        finished: dict[int, dict] = {}
-        score_rows(
-            self.scorer, items, self.config, lambda records: finished.update((r["row"], r) for r in records)
-        )
-        records = np.array([json.dumps(finished[row]) for row in rows], dtype=object)
-        return _with_metadata(rows, "record", records, self.metadata)
-
-
-class EmbedActor:
-    """One embedder per actor; `__call__` embeds a batch of rows."""
-
-    def __init__(self, config):
-        from deita_hub.embedding import make_embedder
-
-        self.embedder = make_embedder(config)
-        self.metadata = self.embedder.metadata()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [int(r) for r in batch["row"]]
-        conversations = [json.loads(text) for text in batch["conversation"]]
-        vectors = np.asarray(self.embedder.encode(conversations), dtype=np.float32)
-        return _with_metadata(rows, "vector", vectors, self.metadata)
 
 
 def ray_score(
@@ -102,17 +59,20 @@ def ray_score(
     rows: Sequence[int],
     config,
     *,
+    actor: type,
     on_rows: Callable[[list[dict[str, Any]]], None],
     on_metadata: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Score `rows` of `conversations` on Ray; `on_rows(records)` receives results as batches finish.
 
-    Returns the backend metadata reported by the actors (also handed to `on_metadata` as soon as it arrives).
+    `actor(config)` loads a scorer once per actor; called with a batch it returns `with_metadata(rows, "record",
+    JSON records, metadata)` (`deita_hub.scoring.run.ScoreActor`). Returns the backend metadata reported by the
+    actors (also handed to `on_metadata` as soon as it arrives).
     """
     ray = _ray()
     compute, resources = _actor_pool(ray, config.ray_actors)
     dataset = _dataset(ray, conversations, rows).map_batches(
-        ScoreActor,
+        actor,
         fn_constructor_kwargs={"config": config},
         batch_size=config.chunk_rows,
         batch_format="numpy",
@@ -131,14 +91,18 @@ def ray_score(
     return metadata or {"ray": {"actors": compute.min_size, "resources_per_actor": resources}}
 
 
-def ray_embed(conversations: Sequence[Any], config) -> tuple[np.ndarray, dict[str, Any]]:
-    """Embed every conversation on Ray: (float32 [n, dim] in input order, embedder metadata)."""
+def ray_embed(conversations: Sequence[Any], config, *, actor: type) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embed every conversation on Ray: (float32 [n, dim] in input order, embedder metadata).
+
+    `actor(config)` loads an embedder once per actor; called with a batch it returns `with_metadata(rows,
+    "vector", float32 [rows, dim], metadata)` (`deita_hub.embedding.EmbedActor`).
+    """
     ray = _ray()
     if not conversations:
         raise DeitaHubError("nothing to embed: the pool is empty")
     compute, resources = _actor_pool(ray, getattr(config, "ray_actors", None))
     dataset = _dataset(ray, conversations, range(len(conversations))).map_batches(
-        EmbedActor,
+        actor,
         fn_constructor_kwargs={"config": config},
         batch_size=config.chunk_rows,
         batch_format="numpy",

@@ -1,8 +1,13 @@
 """Read instruction pools (JSON, JSONL, parquet, saved or Hub HF datasets) into Arrow + canonical conversations.
 
 A `Pool` keeps the original columns as an Arrow table (every field passes through to the built dataset), one
-canonical conversation per valid row, the original row index of each valid row, the resolved format, a content
-fingerprint for provenance, and (with `on_invalid="skip"`) the rejected rows with their reasons.
+canonical conversation per valid row, the original row index of each valid row, the resolved format, two
+fingerprints, and (with `on_invalid="skip"`) the rejected rows with their reasons:
+- `fingerprint`: the source bytes and the format as resolved (not as typed), for provenance: any change to the
+  file, a score column included, changes it;
+- `conversations_fingerprint`: the canonical conversations in order, i.e. exactly what the embedders and scorers
+  read. Embeddings and scoring checkpoints are checked against it, so adding score columns to a pool, or spelling
+  its detected format out (`--format alpaca --field output=response`), keeps its embeddings valid.
 
 Row numbers in messages are 0-based positions in the source (JSONL errors also give the 1-based line).
 """
@@ -14,6 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +45,37 @@ class Pool:
     conversations: list[list[dict[str, str]]]
     rows: np.ndarray  # int64: position of each valid row in the (concatenated) source
     spec: FormatSpec  # resolved format of the (first) source
-    fingerprint: str  # "sha256:<hex>" over the source bytes and the format spec
+    fingerprint: str  # "sha256:<hex>" over the source bytes and each source's resolved format
     num_source_rows: int
     invalid: list[dict[str, Any]] = field(default_factory=list)  # {"row","field","reason","source"}
 
     def __len__(self) -> int:
         return len(self.conversations)
 
+    @cached_property
+    def conversations_fingerprint(self) -> str:
+        """What an embedding or a score was computed from: the canonical conversations, in order."""
+        return conversations_fingerprint(self.conversations)
+
     def provenance(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "fingerprint": self.fingerprint,
+            "conversations_fingerprint": self.conversations_fingerprint,
             "format": self.spec.to_dict(),
             "num_source_rows": self.num_source_rows,
             "num_valid_rows": len(self),
             "num_invalid_rows": len(self.invalid),
         }
+
+
+def conversations_fingerprint(conversations: Sequence[list[dict[str, str]]]) -> str:
+    """ "sha256:<hex>" over canonical conversations in order (one JSON line each, keys sorted)."""
+    digest = hashlib.sha256()
+    for turns in conversations:
+        digest.update(json.dumps(turns, ensure_ascii=False, sort_keys=True).encode())
+        digest.update(b"\n")
+    return "sha256:" + digest.hexdigest()
 
 
 def _hash_path(path: Path, digest) -> None:
@@ -133,6 +154,13 @@ def _table_from_rows(rows: list[dict], source: str) -> pa.Table:
 def _load_hf(path: str, *, config: str | None, split: str, revision: str | None, local: bool):
     import datasets
 
+    from deita_hub import hub
+
+    offline = not local and hub.is_offline()
+    if not local and not offline:
+        # One quick request: a missing repo or revision, or an unreachable Hub, is a one-line error in about a
+        # second (datasets alone would retry for ~23 s). Offline, datasets reads its cache: nothing to ask.
+        hub.check_repo(path, repo_type="dataset", revision=revision)
     try:
         if local and (Path(path) / "state.json").exists():
             return datasets.load_from_disk(path)
@@ -145,6 +173,11 @@ def _load_hf(path: str, *, config: str | None, split: str, revision: str | None,
     except DeitaHubError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the path and the reason
+        if offline:
+            raise DeitaHubError(
+                f"pool '{path}': the Hub is offline (HF_HUB_OFFLINE is set) and this dataset is not in the local "
+                "cache; give a local .json/.jsonl/.parquet file or a saved dataset folder instead"
+            ) from exc
         raise DeitaHubError(
             f"cannot load dataset '{path}' (config {config!r}, split {split!r}): {exc}"
         ) from exc
@@ -181,8 +214,10 @@ def _read_source(
             None,
             hashlib.sha256(f"hf:{path}:{config}:{dataset._fingerprint}".encode()).hexdigest(),
         )
+    # A path (extension, separators, ./ or ~) that is not here is never looked up on the Hub.
     raise DeitaHubError(
-        f"pool '{path}' does not exist (give a .json/.jsonl/.parquet file, a dataset folder or a Hub id)"
+        f"pool file not found: {path} does not exist (give a .json/.jsonl/.parquet file, a dataset folder "
+        "or a Hub dataset id 'org/name')"
     )
 
 
@@ -208,7 +243,7 @@ def read_pool(
     if not sources:
         raise DeitaHubError("no pool given")
     tables, conversations, rows, invalid = [], [], [], []
-    fingerprint = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    fingerprint = hashlib.sha256()
     resolved: FormatSpec | None = None
     offset = 0
     for source in sources:
@@ -222,7 +257,6 @@ def read_pool(
             on_invalid=on_invalid,
             invalid=source_invalid,
         )
-        fingerprint.update(part.encode())
         if records is None:
             records = table.to_pylist()
         for i, record in enumerate(records):
@@ -239,6 +273,9 @@ def read_pool(
             columns = dict.fromkeys(table.column_names)
         source_spec = spec.resolve(columns)
         resolved = resolved or source_spec
+        # The format as detected, not as typed: `--format alpaca` on a pool detected as alpaca is the same pool.
+        fingerprint.update(part.encode())
+        fingerprint.update(json.dumps(source_spec.to_dict(), sort_keys=True).encode())
         keep = []
         for i, record in enumerate(records):
             if i in bad_rows:

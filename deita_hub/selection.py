@@ -24,52 +24,73 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from deita_hub.config import check_choices
 from deita_hub.errors import DeitaHubError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
 # Largest error we allow a fast similarity to have before an fp32 -> fp64 recheck decides: fp32 dot products of
 # unit vectors err by ~1e-6 at d=4096; bf16 moves cosines by up to ~0.008 and fp16 by ~0.001 (measured on
 # Mistral embeddings), so the bands are about twice those.
-BANDS = {"fp32": 2e-4, "bf16": 0.016, "fp16": 0.004}
+BANDS = {"float32": 2e-4, "bfloat16": 0.016, "float16": 0.004}
+# The short spellings earlier releases took (`precision: bf16`), still accepted.
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 METHODS = ("deita", "random", "score", "longest")
+SAMPLERS = ("permutation", "python-random")  # the random method's samplers
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """One subset to select. Recipe `configs:` entries and `deita-hub select` options mirror these fields."""
+    """One subset to select: `deita-hub select`'s options and a recipe's `selection:`/`configs:` entries."""
 
     method: str = field(
         default="deita",
-        metadata={"help": "deita | random | score (top-k by evol score) | longest (response)"},
+        metadata={
+            "help": "deita (score-first, diversity-aware), random, score (top-k by evol score) or longest (response)",
+            "choices": METHODS,
+        },
     )
     budget: int = field(default=6000, metadata={"help": "rows to select"})
     max_similarity: float = field(
-        default=0.9, metadata={"help": "deita: reject a candidate whose cosine to a selected row is > this"}
+        default=0.9,
+        metadata={"help": "deita: reject a candidate whose cosine similarity to a selected row is > this"},
     )
-    seed: int = field(default=42, metadata={"help": "random: permutation seed"})
+    seed: int = field(default=42, metadata={"help": "random: the sampler's seed"})
+    sampler: str = field(
+        default="permutation",
+        metadata={
+            "help": "random: permutation (numpy's seeded permutation, first `budget` rows) or python-random "
+            "(Python's random.seed(seed) then random.sample(range(rows), budget): Deita's sample_ultrafeedback.py, "
+            "so its 10K UltraFeedback pairs come out in its order)",
+            "choices": SAMPLERS,
+        },
+    )
     block_size: int = field(default=1024, metadata={"help": "deita: candidates per matrix product"})
-    precision: str = field(
-        default="fp32", metadata={"help": "deita: fp32 (numpy) | bf16 | fp16 (torch); exact either way"}
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "deita: dtype of the similarity products: float32 (numpy), bfloat16 or float16 (torch, for a "
+            "GPU); the result is exact either way (a float64 recheck decides near the threshold)",
+            "choices": DTYPES,
+        },
     )
     device: str | None = field(
-        default=None, metadata={"help": "bf16/fp16: torch device (default cuda if available)"}
+        default=None,
+        metadata={"help": "bfloat16/float16: torch device, e.g. cuda:1 (default: cuda if available)"},
     )
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise DeitaHubError(f"selection method must be one of {METHODS}, got '{self.method}'")
+        if self.dtype in _DTYPE_ALIASES:
+            object.__setattr__(self, "dtype", _DTYPE_ALIASES[self.dtype])
+        problems = check_choices(self)
         if not isinstance(self.budget, int) or self.budget < 1:
-            raise DeitaHubError(f"budget must be a positive integer, got {self.budget!r}")
+            problems.add("budget", f"must be a positive integer, got {self.budget!r}")
         if not -1.0 <= float(self.max_similarity) <= 1.0:
-            raise DeitaHubError(
-                f"max_similarity is a cosine similarity in [-1, 1], got {self.max_similarity}"
-            )
-        if self.precision not in PRECISIONS:
-            raise DeitaHubError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+            problems.add("max_similarity", f"is a cosine similarity in [-1, 1], got {self.max_similarity}")
         if self.block_size < 1:
-            raise DeitaHubError("block_size must be positive")
+            problems.add("block_size", f"must be positive, got {self.block_size}")
+        problems.raise_if_any()
 
     @property
     def needs_scores(self) -> bool:
@@ -92,6 +113,9 @@ class Selection:
     scanned_at: np.ndarray  # int64 [k]: candidates examined (in score order) when row i was accepted
     scanned: int  # candidates examined in all: scanned_at[-1] when the budget was met, else the pool size
     stats: dict = field(default_factory=dict)
+    # (rows, columns, inner dim) of every similarity matrix product the walk made, in order: what
+    # benchmarks/selection.py replays as plain float32 GEMMs to say how close the walk runs to them.
+    products: list[tuple[int, int, int]] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -110,6 +134,7 @@ class Selection:
             self.scanned_at[:k],
             scanned,
             stats,
+            self.products,
         )
 
 
@@ -185,20 +210,20 @@ def _release_pages(array: np.ndarray) -> None:
 class _Matmul:
     """Similarity products in the configured precision; fp32 runs in numpy, half precision in torch."""
 
-    def __init__(self, precision: str, device: str | None, dim: int, capacity: int):
-        self.precision = precision
-        if precision == "fp32":
+    def __init__(self, dtype: str, device: str | None, dim: int, capacity: int):
+        self.precision = dtype
+        if dtype == "float32":
             self.selected_fast = None
             return
         import torch
 
         self.torch = torch
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cpu":
             log.warning(
-                "%s matrix products on the CPU are far slower than fp32 (no bf16/fp16 units): use fp32",
-                precision,
+                "%s matrix products on the CPU are far slower than float32 (no bf16/fp16 units): use float32",
+                dtype,
             )
         self.selected_fast = torch.empty((capacity, dim), dtype=self.dtype, device=self.device)
 
@@ -274,17 +299,18 @@ def deita_select(
     if len(scores) != n:
         raise DeitaHubError(f"{len(scores)} scores for {n} embedding rows")
     threshold = float(config.max_similarity)
-    band = BANDS[config.precision]
+    band = BANDS[config.dtype]
     budget = min(config.budget, n)
     order = score_order(scores)
     selected = np.empty((budget, dim), dtype=np.float32)  # unit rows of S, in selection order
     positions = np.empty(budget, dtype=np.int64)
     nearest = np.full(budget, -1, dtype=np.int64)
     nearest_sim = np.full(budget, np.nan, dtype=np.float64)
-    fast = _Matmul(config.precision, config.device, dim, budget)
+    fast = _Matmul(config.dtype, config.device, dim, budget)
     scanned_at = np.zeros(budget, dtype=np.int64)
     k = rechecked = sketch_rejected = 0
-    sketch = _Sketch(dim, budget) if config.precision == "fp32" and dim >= 4 * SKETCH_WIDTH else None
+    products: list[tuple[int, int, int]] = []
+    sketch = _Sketch(dim, budget) if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH else None
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return b.astype(np.float64) @ a.astype(np.float64)
@@ -311,6 +337,7 @@ def deita_select(
                 # Most candidates of a redundant pool are rejected by one selected row: guess it from the sketch,
                 # confirm with the real product, and send only the unconfirmed rows through the full product.
                 guess = sketch.guess(block, k)
+                products += [(len(block), SKETCH_WIDTH, dim), (len(block), k, SKETCH_WIDTH)]
                 guess_sim = np.einsum("ij,ij->i", block, selected[guess])
                 confirmed = guess_sim > threshold + band
                 best[confirmed], best_sim[confirmed] = guess[confirmed], guess_sim[confirmed]
@@ -318,6 +345,7 @@ def deita_select(
                 sketch_rejected += int(confirmed.sum())
                 sketch.record(hit_rate=float(confirmed.mean()))
             sims = fast.against_selected(block[full], selected, k)  # [len(full), k]
+            products.append((len(full), k, dim))
             sims_row = np.full(len(block), -1)
             sims_row[full] = np.arange(len(full))
             if len(full):
@@ -332,6 +360,8 @@ def deita_select(
                 alive[i] = False
         survivors = np.flatnonzero(alive)
         gram = fast.gram(block[survivors]) if len(survivors) > 1 else None
+        if gram is not None:
+            products.append((len(survivors), len(survivors), dim))
         accepted = np.empty(len(survivors), dtype=np.int64)  # indices into `survivors` accepted so far
         n_accepted = 0
         for s, i in enumerate(survivors):
@@ -381,7 +411,7 @@ def deita_select(
         "pool_rows": n,
         "budget": config.budget,
         "max_similarity": threshold,
-        "precision": config.precision,
+        "dtype": config.dtype,
         "block_size": config.block_size,
     }
     if k < config.budget:
@@ -399,6 +429,7 @@ def deita_select(
         scanned_at[:k].copy(),
         scanned,
         stats,
+        products,
     )
 
 
@@ -440,6 +471,12 @@ def select(
     if config.method == "score":
         return _ranked(score_order(scores), budget, "score")
     if config.method == "random":
+        if config.sampler == "python-random":
+            import random
+
+            # Deita's sampler exactly (a private Random seeded like the global one gives the same draws).
+            sampled = random.Random(config.seed).sample(range(num_rows), budget)
+            return _ranked(np.asarray(sampled, dtype=np.int64), budget, "random")
         return _ranked(np.random.default_rng(config.seed).permutation(num_rows), budget, "random")
     if response_lengths is None:
         raise DeitaHubError("method 'longest' needs response lengths")

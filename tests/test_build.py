@@ -149,7 +149,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dataset, "_render_card", boom)  # dies after the parquet files are written
+    monkeypatch.setattr(dataset, "dataset_card", boom)  # dies after the parquet files are written
     with pytest.raises(KeyboardInterrupt):
         build(recipe, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "out").exists()
@@ -216,7 +216,7 @@ def test_misaligned_embeddings_are_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"colour": "red"}, "unknown top-level key"),
+        ({"colour": "red"}, "unknown key\\(s\\) 'colour'"),
         ({"name": ""}, "'name'"),
         ({"configs": []}, "'configs' must be a non-empty list"),
         ({"configs": [{"name": "a b", "budget": 5}]}, "config name 'a b'"),
@@ -230,12 +230,12 @@ def test_misaligned_embeddings_are_an_error(tmp_path):
             },
             "only one config may be the default",
         ),
-        ({"configs": [{"name": "a", "budget": -1}]}, "configs\\[0\\]: budget"),
+        ({"configs": [{"name": "a", "budget": -1}]}, "configs\\[0\\]: 'budget'"),
         ({"configs": [{"name": "a", "budget": 5, "topk": 3}]}, "configs\\[0\\]: unknown key"),
         ({"pool": {"sources": ["pool.jsonl"], "format": {"format": "xml"}}}, "unknown pool format"),
         ({"pool": {"sources": ["pool.jsonl"], "shuffle": True}}, "pool: unknown key"),
         ({"pool": {}}, "either 'sources' or 'generate: demo'"),
-        ({"embedding": {"method": "tfidf"}}, "embedding: embedding method"),
+        ({"embedding": {"method": "tfidf"}}, "embedding: 'method' must be one of"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, change, message):
@@ -292,7 +292,10 @@ def test_build_scores_and_embeds_what_is_missing_with_deita_models(tmp_path):
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = write_recipe(
         tmp_path,
-        scores={"complexity_model": str(model), "quality_model": str(model), "batch_size": 4},
+        scores={
+            "complexity": {"model": str(model), "batch_size": 4},
+            "quality": {"model": str(model), "batch_size": 4},
+        },
         embedding={"method": "last-token", "model": str(model), "batch_size": 4, "max_length": 128},
         selection={"max_similarity": 0.999},
         configs=[{"name": "deita-8", "method": "deita", "budget": 8}],

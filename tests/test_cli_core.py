@@ -1,7 +1,6 @@
 """The CLI's step-by-step forms on a real (small) pool, exit codes, one-line errors, nothing partial on disk."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd, check=True, env_extra=None):
-    env = {**os.environ, "DEITA_HUB_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "deita_hub", *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env
-    )
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+@pytest.fixture
+def run(cli_run):
+    """The CLI in-process (tests/conftest.py `cli_run`), with a private cache and the Hub switched off."""
+
+    def call(*args, cwd, check=True, env_extra=None):
+        env = {"DEITA_HUB_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+        result = cli_run(*args, cwd=cwd, env=env)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    return call
 
 
 def test_help_lists_the_pipeline():
@@ -30,7 +33,7 @@ def test_help_lists_the_pipeline():
         assert command in out.stdout
 
 
-def test_embed_then_select_with_baselines(tmp_path):
+def test_embed_then_select_with_baselines(tmp_path, run):
     run("demo-pool", "--out", "pool.jsonl", "--rows", "60", cwd=tmp_path)
     run("embed", "pool.jsonl", "--out", "emb.npy", "--max-length", "32", cwd=tmp_path)
     emb = np.load(tmp_path / "emb.npy")
@@ -107,11 +110,11 @@ def test_embed_then_select_with_baselines(tmp_path):
         (["select", "good.jsonl", "--out", "o.jsonl", "--field", "color"], "--field takes KEY=VALUE"),
         (
             ["select", "good.jsonl", "--out", "o.jsonl", "--field", "colour=x"],
-            "unexpected keyword argument 'colour'",
+            "--field: unknown field 'colour'",
         ),
     ],
 )
-def test_bad_input_exits_1_with_one_line_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_exits_1_with_one_line_and_writes_nothing(tmp_path, args, message, run):
     good = {"id": 1, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     (tmp_path / "good.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"conversations": []}) + "\n")
@@ -125,7 +128,7 @@ def test_bad_input_exits_1_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert set(tmp_path.iterdir()) - before <= {tmp_path / "cache"}
 
 
-def test_skip_invalid_writes_reasons(tmp_path):
+def test_skip_invalid_writes_reasons(tmp_path, run):
     good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     lines = [good, {"conversations": [{"from": "human", "value": "q"}]}, good]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -151,7 +154,7 @@ def test_skip_invalid_writes_reasons(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_recipe_end_to_end(tmp_path, demo_cache_dir):
+def test_demo_recipe_end_to_end(tmp_path, demo_cache_dir, run):
     """The README's main job: build the packaged demo recipe and load a config with datasets."""
     run(
         "build",

@@ -133,7 +133,7 @@ def test_unknown_columns_and_missing_mapped_column():
         FormatSpec(format="alpaca").resolve(["instruction"])
     with pytest.raises(DeitaHubError, match="unknown pool format"):
         FormatSpec(format="csv")
-    with pytest.raises(DeitaHubError, match="role_map maps"):
+    with pytest.raises(DeitaHubError, match="'role_map' maps"):
         FormatSpec(role_map={"tool": "robot"})
 
 

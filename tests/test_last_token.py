@@ -101,7 +101,16 @@ def test_embed_pool_with_last_token(model_dir, tmp_path):
     path, meta = embed_pool(
         ROWS, tmp_path / "emb.npy", config, pool_provenance={"fingerprint": "sha256:x"}, progress=False
     )
-    matrix, loaded_meta = load_embeddings(path, num_rows=len(ROWS), pool_fingerprint="sha256:x")
+    from deita_hub.errors import DeitaHubError
+    from deita_hub.pool import conversations_fingerprint
+
+    matrix, loaded_meta = load_embeddings(
+        path, num_rows=len(ROWS), conversations_fingerprint=conversations_fingerprint(ROWS)
+    )
+    with pytest.raises(DeitaHubError, match="other conversations"):
+        load_embeddings(
+            path, num_rows=len(ROWS), conversations_fingerprint=conversations_fingerprint(ROWS[::-1])
+        )
     expected = LastTokenEmbedder(EmbedConfig(method="last-token", model=str(model_dir), batch_size=1)).encode(
         ROWS
     )

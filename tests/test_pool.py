@@ -56,9 +56,21 @@ def test_fingerprint_is_stable_and_content_sensitive(tmp_path):
     changed = [dict(r) for r in ROWS]
     changed[2] = {**changed[2], "id": "other"}
     assert read_pool(write_jsonl(tmp_path / "b.jsonl", changed)).fingerprint != a
-    assert (
-        read_pool(tmp_path / "a.jsonl", FormatSpec(format="sharegpt")).fingerprint != a
-    )  # spec is part of it
+    # The format as resolved is part of it, not its spelling: naming the detected format changes nothing,
+    # another mapping does.
+    assert read_pool(tmp_path / "a.jsonl", FormatSpec(format="sharegpt")).fingerprint == a
+    assert read_pool(tmp_path / "a.jsonl", FormatSpec(role_map={"human": "user"})).fingerprint != a
+
+
+def test_conversations_fingerprint_covers_what_is_embedded_only(tmp_path):
+    """Score columns change the file (provenance) but not the conversations (what embeddings are checked on)."""
+    plain = read_pool(write_jsonl(tmp_path / "plain.jsonl", ROWS))
+    scored = read_pool(write_jsonl(tmp_path / "scored.jsonl", [{**r, "quality_scores": [3.0]} for r in ROWS]))
+    assert scored.fingerprint != plain.fingerprint
+    assert scored.conversations_fingerprint == plain.conversations_fingerprint
+    assert scored.provenance()["conversations_fingerprint"] == plain.conversations_fingerprint
+    reordered = read_pool(write_jsonl(tmp_path / "reordered.jsonl", ROWS[::-1]))
+    assert reordered.conversations_fingerprint != plain.conversations_fingerprint  # order is part of it
 
 
 def test_skip_invalid_keeps_positions_and_reasons(tmp_path):
@@ -83,6 +95,14 @@ def test_multiple_sources_concatenate(tmp_path):
     pool = read_pool([a, b])
     assert pool.table.column("id").to_pylist() == [r["id"] for r in ROWS]
     assert pool.rows.tolist() == list(range(5))
+
+
+@needs_pools
+def test_typed_and_detected_format_give_one_fingerprint():
+    detected = read_pool(POOLS / "gpteacher-roleplay.json")
+    typed = read_pool(POOLS / "gpteacher-roleplay.json", FormatSpec(format="alpaca", output_field="response"))
+    assert typed.fingerprint == detected.fingerprint
+    assert typed.conversations_fingerprint == detected.conversations_fingerprint
 
 
 @needs_pools

@@ -7,6 +7,7 @@ read HF_ENDPOINT / HF_TOKEN / HF_HOME at import (see deita_hub/testing/pytest_pl
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from deita_hub.hub import local_files
 
 REPO = "org/deita-6k"
 
@@ -455,7 +458,7 @@ def test_push_to_a_new_branch_leaves_main_alone(hub_server, hub_env, dataset_dir
     assert deita_hub(hub_env, "push", str(folder), REPO).returncode == 0
     main = hub_server.refs(REPO)["branches"]["main"]
     (folder / "deita_build.json").write_text('{"draft": true}')
-    result = deita_hub(hub_env, "push", str(folder), REPO, "--revision", "dev", "--message", "draft")
+    result = deita_hub(hub_env, "push", str(folder), REPO, "--branch", "dev", "--message", "draft")
     assert result.returncode == 0, result.stderr
     refs = hub_server.refs(REPO)
     assert refs["branches"]["main"] == main
@@ -486,3 +489,156 @@ def test_push_folder_api_and_type_detection(tmp_path):
     (folder / "README.md").write_text("---\nconfigs: [\n---\n")
     with pytest.raises(DeitaHubError, match="README.md"):
         detect_repo_type(folder)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# concurrent pushes: whole commits only
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_two_pushes_at_once_land_whole_or_fail_clearly(hub_server, hub_env, tmp_path):
+    """Two releases of different folders pushed to one repo at the same moment: one lands as one whole commit
+    with its tag, the other fails with a one-line error and commits nothing; run again, it lands whole too."""
+    folders = {
+        "a": make_dataset_folder(tmp_path / "a", {"6k": _rows(20)}),
+        "b": make_dataset_folder(tmp_path / "b", {"6k": _rows(30, offset=50), "10k": _rows(40)}),
+    }
+    (folders["a"] / "only-in-a.txt").write_text("a")
+    # Each push's upload stalls 1.5 s, so both read the same head before either commits: a real race every time.
+    hub_server.add_fault("preupload", delay=1.5, times=2)
+    out = python(
+        hub_env,
+        f"""
+        import json, threading
+        from deita_hub.errors import DeitaHubError
+        from deita_hub.hub import push_folder
+
+        folders = {json.dumps({k: str(v) for k, v in folders.items()})}
+        start, results = threading.Barrier(2), {{}}
+
+        def push(name):
+            start.wait()
+            try:
+                result = push_folder(folders[name], "{REPO}", tag="release-" + name, delete_missing=True)
+                results[name] = {{"ok": True, "commit": result.commit_oid}}
+            except DeitaHubError as exc:
+                results[name] = {{"ok": False, "error": str(exc)}}
+
+        threads = [threading.Thread(target=push, args=(name,)) for name in folders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print(json.dumps(results))
+        """,
+    )
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    [winner] = [name for name, result in results.items() if result["ok"]]
+    [loser] = [name for name, result in results.items() if not result["ok"]]
+    error = results[loser]["error"]
+    assert "\n" not in error and REPO in error and "another writer" in error and "committed nothing" in error
+    assert 412 in [r["status"] for r in hub_server.requests if r["endpoint"] == "commit"]
+
+    def tree(commit: dict) -> dict[str, str]:
+        return {p: info["sha256"] for p, info in commit["files"].items() if p != ".gitattributes"}
+
+    def content(folder: Path) -> dict[str, str]:
+        return {f.path_in_repo: f.sha256 for f in local_files(folder)}
+
+    history = hub_server.history(REPO)
+    assert [c["id"] for c in history[:1]] == [results[winner]["commit"]] and len(history) == 2
+    assert tree(history[0]) == content(folders[winner])
+    assert hub_server.refs(REPO)["tags"] == {
+        f"release-{winner}": history[0]["id"]
+    }  # no tag for the failed one
+
+    # the failed release, run again, lands whole on top of the other one
+    again = deita_hub(
+        hub_env, "push", str(folders[loser]), REPO, "--tag", f"release-{loser}", "--delete-missing"
+    )
+    assert again.returncode == 0, again.stderr
+    history = hub_server.history(REPO)
+    assert len(history) == 3 and [tree(c) for c in history[:2]] == [
+        content(folders[loser]),
+        content(folders[winner]),
+    ]
+    assert hub_server.refs(REPO)["tags"] == {
+        f"release-{winner}": history[1]["id"],
+        f"release-{loser}": history[0]["id"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# downloads
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_download_through_the_hub_module(hub_server, hub_env, hub_token, dataset_dir):
+    folder, _ = dataset_dir
+    assert deita_hub(hub_env, "push", str(folder), REPO, "--tag", "v1").returncode == 0
+    hub_server.clear_requests()
+    out = python(
+        hub_env,
+        f"""
+        import json
+        from deita_hub.errors import DeitaHubError
+        from deita_hub.hub import NotOnHubError, download, read_json_file
+
+        def attempt(repo_id, **kwargs):
+            try:
+                path = download(repo_id, repo_type="dataset", **kwargs)
+            except NotOnHubError as exc:
+                return {{"missing": exc.missing, "error": str(exc)}}
+            except DeitaHubError as exc:
+                return {{"error": str(exc)}}
+            return {{"files": sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+                     if path.is_dir() else path.read_text()}}
+
+        print(json.dumps({{
+            "file": attempt("{REPO}", revision="v1", filename="deita_build.json"),
+            "snapshot": attempt("{REPO}", allow_patterns=["*.json", "*.md"]),
+            "no-file": attempt("{REPO}", filename="nope.json"),
+            "no-repo": attempt("org/nope"),
+            "no-revision": attempt("{REPO}", revision="v9"),
+            "json": read_json_file("{REPO}", "deita_build.json", repo_type="dataset"),
+            "json-absent": read_json_file("{REPO}", "nope.json", repo_type="dataset"),
+        }}))
+        """,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert json.loads(result["file"]["files"]) == json.loads((folder / "deita_build.json").read_text())
+    assert result["snapshot"] == {"files": ["README.md", "deita_build.json"]}
+    assert result["no-file"]["missing"] == "file" and result["no-file"]["error"].startswith(f"{REPO}: ")
+    assert result["no-repo"] == {
+        "missing": "repo",
+        "error": "org/nope: no Hub repo of that name (or it is private: check HF_TOKEN)",
+    }
+    assert result["no-revision"] == {"missing": "revision", "error": f"{REPO} has no revision 'v9'"}
+    assert result["json"] == json.loads((folder / "deita_build.json").read_text())
+    assert result["json-absent"] is None
+    assert hub_token not in out.stdout + out.stderr
+    # a missing repo or revision is one request, never retried
+    for missing in ("/api/datasets/org/nope", f"/api/datasets/{REPO}/revision/v9"):
+        assert [r["status"] for r in hub_server.requests if r["path"].startswith(missing)] == [404]
+
+
+@pytest.mark.timeout(60)
+def test_download_fails_at_once_when_the_hub_is_unreachable_or_offline(hub_env, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed once the block ends: refused
+    code = """
+        import json
+        from deita_hub.errors import DeitaHubError
+        from deita_hub.training.merge import download_adapter
+        try:
+            download_adapter("org/adapter", "v1")
+        except DeitaHubError as exc:
+            print(json.dumps(str(exc)))
+        """
+    unreachable = json.loads(
+        python({**hub_env, "HF_ENDPOINT": endpoint}, code).stdout.strip().splitlines()[-1]
+    )
+    assert unreachable.startswith(f"org/adapter@v1: cannot reach the Hub at {endpoint} (ConnectError")
+    offline = json.loads(python({**hub_env, "HF_HUB_OFFLINE": "1"}, code).stdout.strip().splitlines()[-1])
+    assert offline.startswith("org/adapter@v1: the Hub is offline (HF_HUB_OFFLINE is set)")

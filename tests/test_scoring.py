@@ -546,7 +546,8 @@ def test_vllm_options_parse_and_reserved_names_are_refused():
     assert secret not in str(refused.value)
     with pytest.raises(DeitaHubError, match="mapping"):
         ScoreConfig(scorer="quality", model="m", vllm_options=["enforce_eager"])
-    assert ScoresSpec(vllm_options={"enforce_eager": True}).vllm_options == {"enforce_eager": True}
+    scorer = ScoreConfig(scorer="complexity", model="m", vllm_options={"enforce_eager": True})
+    assert ScoresSpec(complexity=scorer).complexity.vllm_options == {"enforce_eager": True}
 
 
 def test_vllm_backend_without_vllm_names_the_extra(llama_dir, tmp_path):

@@ -51,7 +51,7 @@ def test_blockwise_equals_reference_on_random_data_with_ties(seed):
     ):
         for precision in precisions:
             config = SelectionConfig(
-                budget=budget, max_similarity=max_similarity, block_size=block_size, precision=precision
+                budget=budget, max_similarity=max_similarity, block_size=block_size, dtype=precision
             )
             got = deita_select(emb, scores, config)
             assert got.positions.tolist() == expected, (block_size, precision)
@@ -71,7 +71,7 @@ def test_similarity_exactly_at_the_threshold_is_kept():
                 emb,
                 scores,
                 SelectionConfig(
-                    budget=200, max_similarity=max_similarity, block_size=block_size, precision="bf16"
+                    budget=200, max_similarity=max_similarity, block_size=block_size, dtype="bf16"
                 ),
             )
             assert got.positions.tolist() == expected
@@ -157,7 +157,7 @@ def test_evol_score_is_sum_of_per_turn_products():
         ({"budget": 0}, "budget"),
         ({"max_similarity": 1.5}, "max_similarity"),
         ({"method": "kmeans"}, "method"),
-        ({"precision": "int8"}, "precision"),
+        ({"dtype": "int8"}, "dtype"),
     ],
 )
 def test_bad_selection_config(kwargs, message):

@@ -60,7 +60,7 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
         DeitaHubError, match=r"unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"
     ):
         load_config(path)
-    with pytest.raises(DeitaHubError, match="unknown config key 'lora_rank'"):
+    with pytest.raises(DeitaHubError, match=r"unknown key\(s\) 'lora_rank'"):
         load_config(None, {"lora_rank": 8})
 
 

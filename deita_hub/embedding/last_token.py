@@ -22,7 +22,7 @@ import numpy as np
 from deita_hub.chat_template import TEMPLATE_NAME, render_vicuna
 from deita_hub.embedding import EmbedConfig
 from deita_hub.errors import DeitaHubError, require
-from deita_hub.scoring.transformers_backend import load_tokenizer, resolve_device_dtype
+from deita_hub.models import load_causal_lm, load_tokenizer, resolve_device_dtype
 from deita_hub.vllm_engine import load_llm, release
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,9 @@ class LastTokenEmbedder:
     # --- transformers -------------------------------------------------------------------------------------
     def _init_transformers(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM
 
         self.device, self.dtype = resolve_device_dtype(self.config.device, self.config.dtype)
-        try:
-            causal_lm = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=self.dtype)
-        except Exception as exc:
-            raise DeitaHubError(f"cannot load embedding model '{self.config.model}': {exc}") from exc
+        causal_lm = load_causal_lm(self.config.model, dtype=self.dtype, what="embedding model")
         # Keep only the base model (embeddings, layers, final norm): the LM head is never needed.
         self.model = causal_lm.get_decoder().to(self.device).eval()
         self.dim = int(causal_lm.config.hidden_size)

@@ -15,32 +15,10 @@ from typing import Any
 import numpy as np
 
 from deita_hub.errors import DeitaHubError
+from deita_hub.models import load_causal_lm, load_tokenizer, resolve_device_dtype
 from deita_hub.scoring.prompts import DIGITS, digit_token_ids, render
 
 log = logging.getLogger(__name__)
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_device_dtype(device: str | None, dtype: str):
-    """`None` device -> cuda when available; `auto` dtype -> bfloat16 on GPU, float32 on CPU."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise DeitaHubError(f"dtype must be one of {DTYPES}, got '{dtype}'")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, getattr(torch, dtype)
-
-
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except Exception as exc:  # OSError, ValueError, HTTP errors: the user needs the model name and the reason
-        raise DeitaHubError(f"cannot load the tokenizer of '{model}': {exc}") from exc
 
 
 class TransformersScorer:
@@ -51,16 +29,12 @@ class TransformersScorer:
 
     def __init__(self, config):
         import torch
-        from transformers import AutoModelForCausalLM
 
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
         self.digit_ids = digit_token_ids(self.tokenizer)
         self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=self.dtype)
-        except Exception as exc:
-            raise DeitaHubError(f"cannot load scorer model '{config.model}': {exc}") from exc
+        model = load_causal_lm(config.model, dtype=self.dtype, what="scorer model")
         self.model = model.to(self.device).eval()
         head = model.get_output_embeddings()
         vocab = getattr(head, "out_features", None) or model.config.vocab_size

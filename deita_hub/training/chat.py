@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from deita_hub.errors import DeitaHubError, require
+from deita_hub.errors import DeitaHubError
+from deita_hub.models import load_causal_lm, load_tokenizer, resolve_device_dtype
+from deita_hub.records import ADAPTER_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -33,29 +35,15 @@ class GenerationSettings:
 
 def load_chat_model(path: str, *, dtype: str = "auto", revision: str | None = None):
     """(model, tokenizer) of a merged/full model or an adapter (base + adapter), from a folder or a Hub id."""
-    torch = require("torch", "train", "Chat")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from deita_hub.chat_template import VICUNA_CHAT_TEMPLATE
 
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise DeitaHubError(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, torch_dtype = resolve_device_dtype(None, dtype)
     try:
-        if _is_adapter(path, revision):
-            # PEFT loads the base at the revision recorded in adapter_config.json; transformers' own adapter
-            # loading would take the base's main branch (or look for the adapter's `revision` in the base repo).
-            peft = require("peft", "train", "Chatting with an adapter")
-            model = peft.AutoPeftModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, dtype), revision=revision
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        adapter = _is_adapter(path, revision)
     except OSError as exc:
         raise DeitaHubError(f"cannot load a model from '{path}': {exc}") from exc
+    model = load_causal_lm(path, dtype=torch_dtype, revision=revision, adapter=adapter, what="a model from")
+    tokenizer = load_tokenizer(path, revision=revision)
     if not tokenizer.chat_template:
         log.info("%s has no chat template; using Vicuna v1.1", path)
         tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
@@ -66,7 +54,7 @@ def load_chat_model(path: str, *, dtype: str = "auto", revision: str | None = No
 def _is_adapter(path: str, revision: str | None) -> bool:
     """Whether `path` (folder or Hub id) holds a PEFT adapter (adapter_config.json) rather than a whole model."""
     if Path(path).is_dir():
-        return (Path(path) / "adapter_config.json").is_file()
+        return (Path(path) / ADAPTER_CONFIG).is_file()
     from transformers.utils import find_adapter_config_file
 
     return find_adapter_config_file(path, revision=revision) is not None

@@ -8,36 +8,62 @@ optional extras the method needs.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from deita_hub.config import check_choices, load, read_mapping, unknown_keys
+from deita_hub.conversations import FORMATS
 from deita_hub.errors import DeitaHubError, MissingExtraError
 from deita_hub.hub import is_repo_id
 
 METHODS = ("qlora", "lora", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-TINY_PREFIX = (
-    "tiny:"  # `model: tiny:mistral` builds deita_hub.testing.tiny's random model into the output dir
-)
+TINY_PREFIX = "tiny:"  # `model: tiny:mistral` builds deita_hub.tiny's random model into the output dir
 TINY_KINDS = ("mistral", "llama")
 GPU_ATTENTION = ("flash_attention_2", "flash_attention_3")
+ATTENTION = ("sdpa", "eager", *GPU_ATTENTION)
+STAGES = ("sft", "dpo")
+# TRL 1.16 DPOConfig.loss_type values (one at a time here); `sigmoid` is the DPO paper's loss, Deita's.
+DPO_LOSSES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One SFT run. Defaults are the seed model's (DEITA-7B-v1.0-sft) hyperparameters."""
+    """One training run: SFT (defaults: the seed model DEITA-7B-v1.0-sft's hyperparameters) or DPO (`stage: dpo`,
+    DEITA-7B-v1.0's second stage: configs/mistral-7b-dpo.yaml)."""
 
     # --- what to train ---
+    stage: str = field(
+        default="sft",
+        metadata={
+            "help": "sft (TRL's SFTTrainer on conversations) or dpo (TRL's DPOTrainer on preference pairs: "
+            "prompt, chosen, rejected; `model` is then the SFT model to start from)",
+            "choices": STAGES,
+        },
+    )
     method: str = field(
         default="qlora",
         metadata={
-            "help": "qlora (4-bit NF4 base + LoRA), lora (LoRA on a bf16/fp32 base) or full (all weights)"
+            "help": "qlora (4-bit NF4 base + LoRA), lora (LoRA on a bf16/fp32 base) or full (all weights)",
+            "choices": METHODS,
         },
     )
     model: str = field(
@@ -48,19 +74,22 @@ class TrainConfig:
         },
     )
     model_revision: str | None = field(
-        default=None, metadata={"help": "branch, tag or commit of a Hub model"}
+        default=None, metadata={"help": "branch, tag or commit of a Hub model", "flag": "--revision"}
     )
     model_dtype: str = field(
         default="auto",
         metadata={
             "help": "dtype the base weights load in: auto (full: float32 master weights with bf16 autocast; "
-            "lora/qlora: bfloat16 when bf16 else float32), bfloat16, float16, float32"
+            "lora/qlora: bfloat16 when bf16 else float32), bfloat16, float16, float32",
+            "choices": DTYPES,
+            "flag": "--dtype",
         },
     )
     attn_implementation: str = field(
         default="sdpa",
         metadata={
-            "help": "sdpa, eager, flash_attention_2 or flash_attention_3 (the flash kernels need a CUDA GPU)"
+            "help": "attention kernel (the flash kernels need a CUDA GPU)",
+            "choices": ATTENTION,
         },
     )
     # --- data ---
@@ -76,7 +105,20 @@ class TrainConfig:
     dataset_revision: str | None = field(
         default=None, metadata={"help": "branch, tag or commit of a Hub dataset"}
     )
-    dataset_format: str = field(default="auto", metadata={"help": "auto, sharegpt, openai or alpaca"})
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "pool format of the dataset", "choices": FORMATS, "flag": "--format"},
+    )
+    on_invalid: str = field(
+        default="error",
+        metadata={
+            "help": "rows that are not valid conversations or preference pairs: error (name the first) or skip "
+            "(train without them; each is logged with its reason and counted in the run record)",
+            "choices": ("error", "skip"),
+            "flag": "--skip-invalid",
+            "flag_value": "skip",
+        },
+    )
     eval_ratio: float = field(
         default=0.0,
         metadata={"help": "fraction of rows held out (seeded) for eval loss at every save; 0 disables eval"},
@@ -100,6 +142,23 @@ class TrainConfig:
             "help": "pack conversations into rows of max_length tokens (TRL's BFD). Per-token losses stay exact, "
             "but a batch element becomes a pack, so total_train_batch_size counts packs, not conversations, and "
             "the step count differs from the seed recipe"
+        },
+    )
+    # --- DPO (stage: dpo) ---
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "dpo: strength of the pull towards the reference model (Deita: 0.1)"},
+    )
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": "dpo: TRL's preference loss (sigmoid is the DPO paper's)", "choices": DPO_LOSSES},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "dpo: compute the reference model's log-probabilities once before training, so that full "
+            "fine-tuning keeps no second model in memory (lora/qlora never do: their reference is the model "
+            "with the adapter disabled)"
         },
     )
     # --- optimisation ---
@@ -144,17 +203,23 @@ class TrainConfig:
         default="all-linear",
         metadata={"help": "modules to adapt: 'all-linear' (every linear layer but lm_head) or a list"},
     )
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "qlora: nf4 or fp4"})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "qlora: 4-bit quantization type", "choices": ("nf4", "fp4")}
+    )
     bnb_4bit_use_double_quant: bool = field(
         default=True, metadata={"help": "qlora: quantize the quantization constants"}
     )
     bnb_4bit_compute_dtype: str = field(
-        default="bfloat16", metadata={"help": "qlora: dtype of the 4-bit matmuls"}
+        default="bfloat16", metadata={"help": "qlora: dtype of the 4-bit matmuls", "choices": DTYPES[1:]}
     )
     # --- checkpoints, logging, publishing ---
     output_dir: str = field(
         default="runs/deita-7b",
-        metadata={"help": "checkpoints go to OUTPUT_DIR/checkpoint-N, the model to OUTPUT_DIR/final"},
+        metadata={
+            "help": "the run folder: checkpoints go to OUT/checkpoint-N, the model to OUT/final",
+            "flag": "--out",
+            "aliases": ("--output-dir",),
+        },
     )
     save_steps: int = field(
         default=50, metadata={"help": "save (and push) a checkpoint every N optimizer steps"}
@@ -169,19 +234,18 @@ class TrainConfig:
             "help": "Hub repo (org/name) to push every checkpoint and the final model to; null: no push"
         },
     )
-    push_private: bool = field(default=False, metadata={"help": "create the Hub repo private"})
+    push_private: bool = field(
+        default=False, metadata={"help": "create the Hub repo private", "flag": "--private"}
+    )
     license: str = field(default="apache-2.0", metadata={"help": "license recorded in the model card"})
     language: list[str] = field(
         default_factory=lambda: ["en"], metadata={"help": "languages recorded in the card"}
     )
 
     def __post_init__(self):
-        check = _Checker()
-        check.choice("method", self.method, METHODS)
-        check.choice("model_dtype", self.model_dtype, DTYPES)
-        check.choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
-        check.choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, DTYPES[1:])
-        check.choice("dataset_format", self.dataset_format, ("auto", "sharegpt", "openai", "alpaca"))
+        if self.lora_target_modules == ["all-linear"]:  # `--lora-target-modules all-linear` from the CLI
+            object.__setattr__(self, "lora_target_modules", "all-linear")
+        check = check_choices(self)
         if self.model.startswith(TINY_PREFIX):
             check.choice("model", self.model, tuple(TINY_PREFIX + kind for kind in TINY_KINDS))
         for name in (
@@ -193,22 +257,25 @@ class TrainConfig:
             "logging_steps",
             "lora_r",
             "lora_alpha",
+            "learning_rate",
+            "adam_epsilon",
+            "num_train_epochs",
         ):
             check.positive(name, getattr(self, name))
-        for name in ("learning_rate", "adam_epsilon", "num_train_epochs"):
-            check.positive(name, getattr(self, name))
         for name in ("warmup_ratio", "lora_dropout", "eval_ratio", "adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                check.errors.append(f"'{name}' must be in [0, 1), got {value}")
+            check.fraction(name, getattr(self, name))
         if self.max_steps == 0 or self.max_steps < -1:
-            check.errors.append(
-                f"'max_steps' must be -1 (use num_train_epochs) or positive, got {self.max_steps}"
-            )
+            check.add("max_steps", f"must be -1 (use num_train_epochs) or positive, got {self.max_steps}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
-            check.errors.append(f"'save_total_limit' must be null or positive, got {self.save_total_limit}")
+            check.add("save_total_limit", f"must be null or positive, got {self.save_total_limit}")
         if self.push is not None and not is_repo_id(self.push):
-            check.errors.append(f"'push' must be a Hub repo id 'org/name', got '{self.push}'")
+            check.add("push", f"must be a Hub repo id 'org/name', got '{self.push}'")
+        if self.stage == "dpo":
+            check.positive("beta", self.beta)
+            if self.packing:
+                check.add("packing", "is for stage sft; DPO batches pairs (set packing: false)")
+            if self.dataset_format == "alpaca":
+                check.add("dataset_format", "alpaca has no preference layout; use auto, sharegpt or openai")
         check.raise_if_any()
 
     # --- derived values ---
@@ -243,90 +310,23 @@ class TrainConfig:
         return asdict(self)
 
 
-class _Checker:
-    def __init__(self):
-        self.errors: list[str] = []
-
-    def choice(self, name: str, value: Any, allowed: tuple) -> None:
-        if value not in allowed:
-            self.errors.append(f"'{name}' must be one of {', '.join(map(str, allowed))}, got {value!r}")
-
-    def positive(self, name: str, value: Any) -> None:
-        if not value > 0:
-            self.errors.append(f"'{name}' must be positive, got {value}")
-
-    def raise_if_any(self) -> None:
-        if self.errors:
-            raise DeitaHubError("training config: " + "; ".join(self.errors))
-
-
 # --- reading configs -------------------------------------------------------------------------------------------
 
 
 def config_fields() -> dict[str, Any]:
-    """Field name -> dataclasses.Field, in declaration order (the CLI builds `--set` help from it)."""
+    """Field name -> dataclasses.Field, in declaration order."""
     return {f.name: f for f in fields(TrainConfig)}
 
 
-def _type_hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
-    """YAML/CLI value -> the field's type, or an error naming the key. (PyYAML reads `2e-5` as a string.)"""
-    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    args = typing.get_args(hint) if is_union else (hint,)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise DeitaHubError(f"{source}: '{name}' may not be null")
-    candidates = [a for a in args if a is not type(None)]
-    for candidate in candidates:
-        origin = typing.get_origin(candidate)
-        if candidate is bool:
-            if isinstance(value, bool):
-                return value
-        elif candidate is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif candidate is float:
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        elif candidate is str:
-            if isinstance(value, str):
-                return value
-        elif origin is list:
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                return list(value)
-    expected = " or ".join(getattr(c, "__name__", str(c)) for c in candidates)
-    raise DeitaHubError(f"{source}: '{name}' must be {expected}, got {type(value).__name__} {value!r}")
-
-
 def config_from_dict(data: dict[str, Any], *, source: str = "config") -> TrainConfig:
-    known = config_fields()
-    unknown = [key for key in data if key not in known]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise DeitaHubError(
-            f"{source}: unknown key(s) {', '.join(hints)}; see `deita-hub train --help-config`"
-        )
-    hints = _type_hints()
-    values = {key: _coerce(key, value, hints[key], source) for key, value in data.items()}
-    return TrainConfig(**values)
+    return load(TrainConfig, data, source=source)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (packaged names like `tiny-cpu.yaml` work too) and apply overrides (None = unset)."""
-    import yaml
+    """Read a YAML config (packaged names like `tiny-cpu.yaml` work too), then apply overrides.
 
+    Overrides are the command's flags and `--set KEY=VALUE` pairs: keys of the file, typed the same way.
+    """
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -336,26 +336,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not resolved.is_file():
             raise DeitaHubError(f"training config '{path}' not found")
         source = str(path)
-        try:
-            loaded = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise DeitaHubError(f"{path}: invalid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise DeitaHubError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
-        data = dict(loaded or {})
-    base = config_from_dict(data, source=source)
+        data = read_mapping(resolved, "training config")
     if overrides:
-        hints = _type_hints()
-        known = config_fields()
-        for key in overrides:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                raise DeitaHubError(
-                    f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-                )
-        changes = {key: _coerce(key, value, hints[key], "override") for key, value in overrides.items()}
-        base = replace(base, **changes)
-    return base
+        unknown_keys(overrides, config_fields(), "override: ")
+        data = {**data, **overrides}
+    return load(TrainConfig, data, source=source)
 
 
 # --- checks against the machine (cheap: no model, no data) ------------------------------------------------------

@@ -5,6 +5,14 @@ Conversations are rendered with the tokenizer's chat template (the Vicuna v1.1 J
 truncated to `max_length` keeping the beginning. We tokenize here rather than inside TRL because TRL refuses
 `max_length` with padding-free batching without packing: truncating first keeps padding-free exact and lets us
 count what truncation did. A conversation whose supervised tokens are all cut off is dropped (it has no loss).
+
+DPO (`stage: dpo`) reads preference pairs (`deita_hub.preferences`) and renders `prompt + chosen` and
+`prompt + rejected` with the same template: the prompt's ids are everything before the final reply (up to and
+including `ASSISTANT:`), the completion ids are the reply and its `</s>` (the template's generation mask), so
+TRL's DPOTrainer gets `prompt_ids` / `chosen_ids` / `rejected_ids` and puts the loss on the replies only.
+
+`read_training_rows` reads and validates the data without a tokenizer, so a bad dataset fails before any model
+is built or loaded.
 """
 
 from __future__ import annotations
@@ -18,10 +26,9 @@ from typing import Any
 from deita_hub.chat_template import VICUNA_CHAT_TEMPLATE
 from deita_hub.errors import DeitaHubError
 from deita_hub.hub import is_repo_id
+from deita_hub.records import BUILD_RECORD
 
 log = logging.getLogger(__name__)
-
-BUILD_RECORD = "deita_build.json"
 
 
 @dataclass
@@ -111,22 +118,35 @@ def _hub_build_record(config) -> dict[str, Any] | None:
     return read_json_file(config.dataset, BUILD_RECORD, repo_type="dataset", revision=config.dataset_revision)
 
 
-def load_train_data(config, tokenizer) -> TrainData:
-    """Read `config.dataset`, render + tokenize every conversation, split off the eval rows."""
-    from datasets import Dataset
-
+def read_training_rows(config):
+    """The run's rows, read and validated (no tokenizer, no model): a `Pool` for SFT, `Preferences` for DPO."""
     from deita_hub.conversations import FormatSpec
     from deita_hub.pool import read_pool
+    from deita_hub.preferences import read_preferences
 
     if not config.dataset:
         raise DeitaHubError("no training data: set 'dataset' in the config or pass --dataset")
-    pool = read_pool(
-        config.dataset,
-        FormatSpec(format=config.dataset_format),
+    where = dict(
+        on_invalid=config.on_invalid,
         config=config.dataset_config,
         split=config.dataset_split,
         revision=config.dataset_revision,
     )
+    if config.stage == "dpo":
+        return read_preferences(config.dataset, config.dataset_format, **where)
+    return read_pool(config.dataset, FormatSpec(format=config.dataset_format), **where)
+
+
+def load_train_data(config, tokenizer, rows=None) -> TrainData:
+    """Render + tokenize every conversation (or preference pair) of `rows` (read here when not given), split off
+    the eval rows."""
+    from datasets import Dataset
+
+    if rows is None:
+        rows = read_training_rows(config)
+    if config.stage == "dpo":
+        return _preference_data(config, tokenizer, rows)
+    pool = rows
     use_vicuna_template(tokenizer)
     input_ids, masks = [], []
     truncated = dropped = tokens = 0
@@ -154,15 +174,21 @@ def load_train_data(config, tokenizer) -> TrainData:
             config.max_length,
             dropped,
         )
-    dataset = Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
-    eval_dataset = None
-    if config.eval_ratio > 0:
-        if len(dataset) < 2:
-            raise DeitaHubError(
-                f"eval_ratio {config.eval_ratio} needs at least 2 conversations, got {len(dataset)}"
-            )
-        split = dataset.train_test_split(test_size=config.eval_ratio, seed=config.seed, shuffle=True)
-        dataset, eval_dataset = split["train"], split["test"]
+    dataset, eval_dataset = _split_eval(
+        config, Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
+    )
+    return TrainData(
+        train=dataset,
+        eval=eval_dataset,
+        record=_dataset_record(config, pool),
+        num_conversations=len(pool),
+        num_truncated=truncated,
+        num_dropped=dropped,
+        num_tokens=tokens,
+    )
+
+
+def _dataset_record(config, pool) -> dict[str, Any]:
     record = {
         "id": _dataset_id(config.dataset),
         "config": config.dataset_config,
@@ -172,11 +198,90 @@ def load_train_data(config, tokenizer) -> TrainData:
         "num_rows": len(pool),
         "build": _build_summary(config),
     }
+    if pool.invalid:  # only present when rows were skipped (on_invalid: skip), so SFT records keep their keys
+        record["num_invalid_rows"] = len(pool.invalid)
+    return record
+
+
+def _split_eval(config, dataset):
+    if config.eval_ratio <= 0:
+        return dataset, None
+    if len(dataset) < 2:
+        raise DeitaHubError(f"eval_ratio {config.eval_ratio} needs at least 2 rows, got {len(dataset)}")
+    split = dataset.train_test_split(test_size=config.eval_ratio, seed=config.seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def tokenize_pair(tokenizer, pair) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of one preference pair, untruncated.
+
+    Each side is rendered whole (`prompt + reply`) with the Vicuna template; its completion starts at the final
+    reply's first supervised token, so the prompt ids end with `ASSISTANT:` exactly as the generation prompt does.
+    Raises ValueError when the two renderings disagree on the prompt's tokens (a reply merging into `:`).
+    """
+    sides = []
+    for turns in (pair.chosen_conversation(), pair.rejected_conversation()):
+        ids, mask = tokenize_conversation(tokenizer, turns, None)
+        starts = [i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1])]
+        if not starts or not all(mask[starts[-1] :]):
+            raise ValueError("the template's assistant mask does not end with the final reply")
+        sides.append((ids[: starts[-1]], ids[starts[-1] :]))
+    (prompt, chosen), (other_prompt, rejected) = sides
+    if prompt != other_prompt:
+        raise ValueError("the prompt tokenizes differently before 'chosen' and before 'rejected'")
+    return prompt, chosen, rejected
+
+
+def _preference_data(config, tokenizer, preferences) -> TrainData:
+    """Preference pairs -> prompt/chosen/rejected ids, truncated to `max_length` per side (start kept)."""
+    from datasets import Dataset
+
+    use_vicuna_template(tokenizer)
+    columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    truncated = dropped = tokens = 0
+    pool = preferences.pool
+    for position, pair in enumerate(preferences.pairs):
+        try:
+            prompt, chosen, rejected = tokenize_pair(tokenizer, pair)
+        except ValueError as exc:
+            # Never trained on silently: the row is named; skipping it is the user's call (on_invalid: skip).
+            row = int(pool.rows[position])
+            if config.on_invalid == "error":
+                raise DeitaHubError(f"{config.dataset}: row {row}: {exc}") from None
+            log.warning("%s: row %d skipped: %s", config.dataset, row, exc)
+            dropped += 1
+            continue
+        room = config.max_length - len(prompt)
+        if len(prompt) + max(len(chosen), len(rejected)) > config.max_length:
+            truncated += 1
+            if room <= 0:  # the prompt alone fills max_length: no reply token left to learn from
+                dropped += 1
+                continue
+            chosen, rejected = chosen[:room], rejected[:room]
+        columns["prompt_ids"].append(prompt)
+        columns["chosen_ids"].append(chosen)
+        columns["rejected_ids"].append(rejected)
+        tokens += 2 * len(prompt) + len(chosen) + len(rejected)
+    if not columns["prompt_ids"]:
+        raise DeitaHubError(
+            f"{config.dataset}: every preference pair lost its replies to max_length {config.max_length}"
+        )
+    if truncated:
+        log.warning(
+            "%d of %d preference pairs are longer than max_length %d and were truncated (%d dropped: the prompt "
+            "alone fills it)",
+            truncated,
+            len(preferences),
+            config.max_length,
+            dropped,
+        )
+    dataset, eval_dataset = _split_eval(config, Dataset.from_dict(columns))
+    record = {**_dataset_record(config, pool), "kind": "preferences"}
     return TrainData(
         train=dataset,
         eval=eval_dataset,
         record=record,
-        num_conversations=len(pool),
+        num_conversations=len(preferences),
         num_truncated=truncated,
         num_dropped=dropped,
         num_tokens=tokens,

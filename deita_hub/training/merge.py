@@ -12,14 +12,17 @@ The base is the adapter config's `base_model_name_or_path` at its `revision` (bo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from deita_hub.errors import DeitaHubError, require
 from deita_hub.hub import is_repo_id
+from deita_hub.io import atomic_folder
+from deita_hub.models import load_causal_lm, load_tokenizer
+from deita_hub.records import ADAPTER_CONFIG, RUN_RECORD
 from deita_hub.training import record as run_record
 
 log = logging.getLogger(__name__)
@@ -41,32 +44,24 @@ _ADAPTER_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "adapter_model.*"]
 
 def download_adapter(repo_id: str, revision: str | None = None) -> Path:
     """The files of a pushed adapter (`repo_id` at `revision`) in the Hugging Face cache; its folder."""
-    hf = require("huggingface_hub", "train", "Downloading an adapter")
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from deita_hub import hub
 
     where = repo_id + (f"@{revision}" if revision else "")
     try:
-        hf.hf_hub_download(repo_id, "adapter_config.json", revision=revision)
-        return Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=_ADAPTER_PATTERNS))
-    except RepositoryNotFoundError as exc:
-        raise DeitaHubError(
-            f"adapter '{repo_id}': no such folder, and no Hub repo of that name (or it is private: check HF_TOKEN)"
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise DeitaHubError(f"adapter repo {repo_id} has no revision '{revision}'") from exc
-    except RemoteEntryNotFoundError as exc:
-        raise DeitaHubError(
-            f"{where}: not a LoRA adapter (no adapter_config.json); nothing to merge"
-        ) from exc
-    except (HfHubHTTPError, OSError) as exc:  # offline (LocalEntryNotFoundError), connection errors, 5xx
-        # the first line of huggingface_hub's message names the status and URL, never the token
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DeitaHubError(f"cannot download the adapter {where}: {first_line}") from exc
+        # adapter_config.json first: a repo that is not an adapter fails before any weights are fetched
+        hub.download(repo_id, revision=revision, filename="adapter_config.json")
+        return hub.download(repo_id, revision=revision, allow_patterns=_ADAPTER_PATTERNS)
+    except hub.NotOnHubError as exc:
+        if exc.missing == "repo":
+            raise DeitaHubError(
+                f"adapter '{repo_id}': no such folder, and no Hub repo of that name (or it is private: "
+                "check HF_TOKEN)"
+            ) from exc
+        if exc.missing == "file":
+            raise DeitaHubError(
+                f"{where}: not a LoRA adapter (no adapter_config.json); nothing to merge"
+            ) from exc
+        raise
 
 
 def merge_adapter(
@@ -96,14 +91,12 @@ def merge_adapter(
         adapter_dir = download_adapter(str(adapter), revision)
     else:
         raise DeitaHubError(f"adapter '{adapter}' is neither a folder nor a Hub repo id (org/name)")
-    adapter_config = adapter_dir / "adapter_config.json"
+    adapter_config = adapter_dir / ADAPTER_CONFIG
     if not adapter_config.is_file():
         raise DeitaHubError(f"{adapter_dir}: not a LoRA adapter (no adapter_config.json); nothing to merge")
     record = run_record.read_record(adapter_dir)
     if record is None:
-        raise DeitaHubError(
-            f"{adapter_dir}: no {run_record.RUN_RECORD}; merge needs a deita-hub training output"
-        )
+        raise DeitaHubError(f"{adapter_dir}: no {RUN_RECORD}; merge needs a deita-hub training output")
     settings = json.loads(adapter_config.read_text(encoding="utf-8"))
     base = base_model or settings.get("base_model_name_or_path")
     # the base revision the adapter was trained on (recorded by `deita-hub train`); --base means its main branch
@@ -119,9 +112,9 @@ def merge_adapter(
 
         check_token()
 
-    torch = require("torch", "train", "Merging an adapter")
+    import torch
+
     peft = require("peft", "train", "Merging an adapter")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deita_hub.training.data import use_vicuna_template
 
@@ -132,25 +125,23 @@ def merge_adapter(
         dtype,
         adapter,
     )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=getattr(torch, dtype), revision=base_revision
-        )
-    except OSError as exc:  # not a folder, not on the Hub, or the revision is gone
-        raise DeitaHubError(
-            f"cannot load the adapter's base model '{base}': {exc}; pass --base (a Hub id or folder)"
-        ) from exc
+    model = load_causal_lm(
+        base,
+        dtype=getattr(torch, dtype),
+        revision=base_revision,
+        what="the adapter's base model",
+        hint="; pass --base (a Hub id or folder)",
+    )
     model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    tokenizer = load_tokenizer(str(adapter_dir))
     use_vicuna_template(tokenizer)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # out_dir is absent or empty (checked above): the finished folder replaces it.
+    with atomic_folder(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        merged = dict(record)
-        merged.update(
+        merged = dataclasses.replace(
+            record,
             kind="merged",
             model_name=push.split("/")[-1] if push else out_dir.resolve().name,
             hub_repo=push,
@@ -159,18 +150,11 @@ def merge_adapter(
         )
         run_record.write_record(tmp, merged)
         run_record.write_card(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     pushed = None
     if push:
         from deita_hub.training.push import push_model_folder
 
         pushed = push_model_folder(
-            out_dir, push, private=private, base_model=record["base_model"], message="deita-hub: merged model"
+            out_dir, push, private=private, base_model=record.base_model, message="deita-hub: merged model"
         )
-    return MergeResult(out_dir=out_dir, base_model=record["base_model"], pushed=pushed)
+    return MergeResult(out_dir=out_dir, base_model=record.base_model, pushed=pushed)

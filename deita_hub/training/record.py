@@ -1,14 +1,12 @@
-"""`deita_run.json`: what a run did, written into every checkpoint, the final folder and merged folders.
+"""Filling in `deita_run.json` (a `deita_hub.records.RunRecord`) from a run: versions, results, names.
 
-The schema is the contract with `deita_hub.cards` (see the run-record notes): cards are rendered from this record
-only. It holds no absolute local path (models and datasets are Hub ids or folder basenames) and no token.
+The record is written into every checkpoint, the final folder and merged folders. The schema is the contract with
+`deita_hub.cards`: cards are rendered from this record only. It holds no absolute local path (models and
+datasets are Hub ids or folder basenames) and no token.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -16,9 +14,8 @@ from typing import Any
 
 from deita_hub import __version__
 from deita_hub.chat_template import TEMPLATE_NAME
+from deita_hub.records import RunRecord
 
-RUN_RECORD = "deita_run.json"
-SCHEMA = 1
 _DISTRIBUTIONS = (
     "transformers",
     "torch",
@@ -29,7 +26,17 @@ _DISTRIBUTIONS = (
     "bitsandbytes",
     "accelerate",
 )
-_LOG_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "eval_loss")
+# DPOTrainer also logs the implicit rewards: their margin and accuracy are what a preference run is judged by.
+_LOG_KEYS = (
+    "step",
+    "epoch",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "eval_loss",
+    "rewards/margins",
+    "rewards/accuracies",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -84,24 +91,13 @@ def results(state, *, train_loss: float | None = None, runtime_s: float | None =
     }
 
 
-def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
-    """Write `folder/deita_run.json` through a temp file, so a reader never sees half a record."""
-    path = Path(folder) / RUN_RECORD
-    tmp = path.with_name(f".{RUN_RECORD}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+def write_record(folder: str | Path, record: RunRecord) -> Path:
+    """Write `folder/deita_run.json` atomically, so a reader never sees half a record."""
+    return record.write(folder)
 
 
-def read_record(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / RUN_RECORD
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
+def read_record(folder: str | Path) -> RunRecord | None:
+    return RunRecord.read(folder)
 
 
 def write_card(folder: str | Path) -> Path:
@@ -126,23 +122,52 @@ def new_record(
     license: str,
     language: list[str],
     base_model_revision: str | None = None,
-) -> dict[str, Any]:
+    stage: str = "sft",
+    dpo: dict[str, Any] | None = None,
+) -> RunRecord:
+    return RunRecord(
+        kind=kind,
+        method=method,
+        base_model=base_model,
+        base_model_revision=base_model_revision,
+        model_name=model_name,
+        hub_repo=hub_repo,
+        template=TEMPLATE_NAME,
+        language=list(language),
+        license=license,
+        dataset=dataset,
+        hyperparameters=hyperparameters,
+        lora=lora,
+        quantization=quantization,
+        results=results,
+        versions=package_versions(),
+        created_at=utc_now(),
+        stage=stage,
+        dpo=dpo,
+    )
+
+
+def sft_lineage(model: str, revision: str | None) -> dict[str, Any]:
+    """What the SFT model a DPO run starts from was trained on, from its `deita_run.json` (a local folder or the
+    Hub repo at `revision`); empty lists when the model was not trained by deita-hub."""
+    from deita_hub.hub import is_repo_id, read_json_file
+    from deita_hub.records import RUN_RECORD
+
+    path = Path(model)
+    data = None
+    if path.is_dir():
+        record = read_record(path)
+        data = record.to_dict() if record is not None else None
+    elif is_repo_id(model):
+        data = read_json_file(model, RUN_RECORD, repo_type="model", revision=revision)
+    datasets: list[str] = []
+    if isinstance(data, dict):
+        dataset = data.get("dataset") or {}
+        earlier = (data.get("dpo") or {}).get("sft_datasets") or []
+        datasets = [*earlier, *([dataset["id"]] if dataset.get("id") else [])]
     return {
-        "schema": SCHEMA,
-        "kind": kind,
-        "method": method,
-        "base_model": base_model,
-        "base_model_revision": base_model_revision,
-        "model_name": model_name,
-        "hub_repo": hub_repo,
-        "template": TEMPLATE_NAME,
-        "language": list(language),
-        "license": license,
-        "dataset": dataset,
-        "hyperparameters": hyperparameters,
-        "lora": lora,
-        "quantization": quantization,
-        "results": results,
-        "versions": package_versions(),
-        "created_at": utc_now(),
+        "sft_model": model_reference(model),
+        "sft_model_revision": revision,
+        "sft_base_model": data.get("base_model") if isinstance(data, dict) else None,
+        "sft_datasets": list(dict.fromkeys(datasets)),
     }

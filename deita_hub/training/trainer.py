@@ -1,4 +1,11 @@
-"""`deita-hub train`: TRL's SFTTrainer with the Vicuna template, for qlora / lora / full, with pushes and resume.
+"""`deita-hub train`: TRL's SFTTrainer (stage sft) or DPOTrainer (stage dpo) with the Vicuna template, for
+qlora / lora / full, with pushes and resume.
+
+DPO starts from an SFT model (`model`: a folder or a Hub id at `model_revision`). Its reference model is that
+same starting model: with an adapter (lora/qlora) it is the model with the adapter disabled, so no second copy
+is loaded; full fine-tuning loads a frozen copy, or none with `precompute_ref_log_probs`.
+
+Every input (config, extras, dataset rows, model path) is checked before a model is built, loaded or written.
 
 Output layout (OUTPUT_DIR = `output_dir`):
 
@@ -18,6 +25,7 @@ and TRL's own push is never used: uploads go through `deita_hub.hub` with the to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from deita_hub.errors import DeitaHubError
+from deita_hub.io import replace_folder, write_text
+from deita_hub.models import load_tokenizer
+from deita_hub.records import MODEL_CONFIG, RUN_RECORD, TRAIN_CONFIG, TRAINER_STATE
 from deita_hub.training import record as run_record
 from deita_hub.training.config import (
     TINY_PREFIX,
@@ -42,7 +53,7 @@ from deita_hub.training.push import CheckpointUploader, PushAttempt
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "deita_train_config.yaml"
+CONFIG_FILE = TRAIN_CONFIG
 FINAL_DIR = "final"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Keys a resumed run may change: they do not touch the model, the data or its order.
@@ -94,7 +105,7 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / run_record.RUN_RECORD).is_file() and (checkpoint / "trainer_state.json").is_file()
+    return (checkpoint / RUN_RECORD).is_file() and (checkpoint / TRAINER_STATE).is_file()
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -135,7 +146,7 @@ def _prepare_output_dir(config: TrainConfig, resume: bool) -> Path | None:
     checkpoint = last_complete_checkpoint(out)
     for step, path in existing:
         if checkpoint is None or step > int(_CHECKPOINT_RE.match(checkpoint.name).group(1)):
-            log.warning("removing %s: the save was interrupted (no %s)", path, run_record.RUN_RECORD)
+            log.warning("removing %s: the save was interrupted (no %s)", path, RUN_RECORD)
             shutil.rmtree(path)
     if checkpoint is None:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", out)
@@ -163,7 +174,7 @@ def _process_state():
 def _resolve_model(config: TrainConfig) -> tuple[str, str]:
     """(what from_pretrained loads, what the record names). `tiny:<kind>` is built into OUTPUT_DIR once."""
     if config.is_tiny:
-        from deita_hub.testing.tiny import save_tiny_model
+        from deita_hub.tiny import save_tiny_model
 
         kind = config.model[len(TINY_PREFIX) :]
         folder = Path(config.output_dir) / f"tiny-{kind}"
@@ -171,27 +182,18 @@ def _resolve_model(config: TrainConfig) -> tuple[str, str]:
         # while the others wait. The temp folder is per process and losing the rename to a finished folder is
         # fine (machines sharing one filesystem build the same seeded model).
         with _process_state().local_main_process_first():
-            if not (folder / "config.json").is_file():
+            if not (folder / MODEL_CONFIG).is_file():
                 tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 save_tiny_model(tmp, kind)
                 try:
                     tmp.rename(folder)
                 except OSError:
-                    if not (folder / "config.json").is_file():
+                    if not (folder / MODEL_CONFIG).is_file():
                         raise
                     shutil.rmtree(tmp, ignore_errors=True)
         return str(folder.resolve()), f"tiny-{kind}"
     return config.model, run_record.model_reference(config.model)
-
-
-def _load_tokenizer(model_path: str, revision: str | None):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_path, revision=revision)
-    except OSError as exc:
-        raise DeitaHubError(f"cannot load the tokenizer of '{model_path}': {exc}") from exc
 
 
 def _peft_config(config: TrainConfig):
@@ -250,11 +252,7 @@ def _quantization_record(config: TrainConfig) -> dict[str, Any] | None:
 # --- trainer ------------------------------------------------------------------------------------------------------
 
 
-def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eval: bool, cuda: bool):
-    """The TRL SFTConfig of a run. The data arrives tokenized and truncated (see training.data), so TRL gets
-    `max_length` only to size packs, and no `assistant_only_loss` (the mask column already carries it)."""
-    from trl import SFTConfig
-
+def _model_init_kwargs(config: TrainConfig, cuda: bool) -> dict[str, Any]:
     model_init_kwargs: dict[str, Any] = {
         "dtype": config.resolved_model_dtype(),
         "attn_implementation": config.attn_implementation,
@@ -266,13 +264,24 @@ def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eva
 
         # A 4-bit model cannot be moved after loading: place it on this process's GPU (also under DDP).
         model_init_kwargs["device_map"] = {"": PartialState().local_process_index}
+    return model_init_kwargs
+
+
+def _checkpointing(config: TrainConfig, cuda: bool) -> bool:
     checkpointing = config.gradient_checkpointing
     if checkpointing and cuda and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true":
         # FSDP's own activation checkpointing (configs/accelerate/fsdp.yaml) replaces the Trainer's; transformers
         # refuses both at once. (Without a GPU accelerate runs no FSDP, so the Trainer's stays on.)
         log.info("FSDP activation checkpointing is on: the Trainer's gradient_checkpointing is turned off")
         checkpointing = False
-    return SFTConfig(
+    return checkpointing
+
+
+def _training_arguments(
+    config: TrainConfig, *, gradient_accumulation_steps: int, has_eval: bool, cuda: bool
+) -> dict[str, Any]:
+    """The TrainingArguments both stages share."""
+    return dict(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
@@ -292,7 +301,8 @@ def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eva
         data_seed=config.seed,
         bf16=config.bf16,
         use_cpu=not cuda,
-        activation_checkpointing=checkpointing,  # transformers 5's name for gradient checkpointing
+        # transformers 5's name for gradient checkpointing
+        activation_checkpointing=_checkpointing(config, cuda),
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
@@ -300,15 +310,44 @@ def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eva
         eval_strategy="steps" if has_eval else "no",
         eval_steps=config.save_steps if has_eval else None,
         report_to=[],
+        model_init_kwargs=_model_init_kwargs(config, cuda),
+        push_to_hub=False,
+        hub_token=None,
+        disable_tqdm=True,
+    )
+
+
+def sft_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eval: bool, cuda: bool):
+    """The TRL SFTConfig of a run. The data arrives tokenized and truncated (see training.data), so TRL gets
+    `max_length` only to size packs, and no `assistant_only_loss` (the mask column already carries it)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **_training_arguments(
+            config, gradient_accumulation_steps=gradient_accumulation_steps, has_eval=has_eval, cuda=cuda
+        ),
         max_length=config.max_length if config.packing else None,
         packing=config.packing,
         packing_strategy="bfd",
         padding_free=config.uses_padding_free,
         assistant_only_loss=False,
-        model_init_kwargs=model_init_kwargs,
-        push_to_hub=False,
-        hub_token=None,
-        disable_tqdm=True,
+    )
+
+
+def dpo_config(config: TrainConfig, *, gradient_accumulation_steps: int, has_eval: bool, cuda: bool):
+    """The TRL DPOConfig of a run. The pairs arrive tokenized and truncated (training.data), so TRL gets no
+    `max_length` (its collator would cut again) and pads each batch to its longest sequence."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **_training_arguments(
+            config, gradient_accumulation_steps=gradient_accumulation_steps, has_eval=has_eval, cuda=cuda
+        ),
+        max_length=None,
+        beta=config.beta,
+        loss_type=[config.loss_type],
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+        padding_free=False,  # TRL 1.16: "temporarily unavailable" for DPO, it would warn and pad anyway
     )
 
 
@@ -385,9 +424,37 @@ def _hyperparameters(config: TrainConfig, args, *, distributed_type: str, device
         "max_length": config.max_length,
         "bf16": config.bf16,
         "packing": config.packing,
-        "padding_free": config.uses_padding_free,
+        "padding_free": config.uses_padding_free and config.stage == "sft",
         "assistant_only_loss": True,
         "max_steps": config.max_steps,
+    }
+
+
+def _dpo_record(config: TrainConfig, base_model: str) -> dict[str, Any] | None:
+    """The DPO settings and lineage of a stage-dpo run (None for SFT)."""
+    if config.stage != "dpo":
+        return None
+    if config.method != "full":
+        reference = f"{base_model} with the adapter disabled (no second copy in memory)"
+    elif config.precompute_ref_log_probs:
+        reference = f"{base_model} (log-probabilities computed once before training)"
+    else:
+        reference = f"{base_model} (a frozen copy)"
+    if config.is_tiny:  # a random tiny model, not an SFT model: no lineage to read
+        lineage = {
+            "sft_model": base_model,
+            "sft_model_revision": None,
+            "sft_base_model": None,
+            "sft_datasets": [],
+        }
+    else:
+        lineage = run_record.sft_lineage(config.model, config.model_revision)
+    return {
+        "beta": config.beta,
+        "loss_type": config.loss_type,
+        "reference_model": reference,
+        "precompute_ref_log_probs": config.precompute_ref_log_probs,
+        **lineage,
     }
 
 
@@ -399,6 +466,7 @@ class _RunRecorder:
         self.base_model = base_model
         self.dataset = dataset
         self.hyperparameters = hyperparameters
+        self.dpo = _dpo_record(config, base_model)
 
     def build(
         self, state, *, train_loss: float | None = None, runtime_s: float | None = None
@@ -419,6 +487,8 @@ class _RunRecorder:
             results=run_record.results(state, train_loss=train_loss, runtime_s=runtime_s),
             license=config.license,
             language=config.language,
+            stage=config.stage,
+            dpo=self.dpo,
         )
 
     def write(self, folder: Path, state, **results) -> None:
@@ -445,7 +515,23 @@ def _callback(recorder: _RunRecorder, uploader: CheckpointUploader | None):
     return DeitaHubCallback()
 
 
-def _trainer_class():
+def _trainer_class(stage: str = "sft"):
+    if stage == "dpo":
+        from trl import DPOTrainer
+
+        class DeitaDPOTrainer(DPOTrainer):
+            """TRL's DPOTrainer on pairs deita-hub has already rendered and tokenized (training.data), without
+            TRL's model card (see DeitaSFTTrainer)."""
+
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                # TRL would re-render the pairs with its own prompt/completion split; ours are byte-exact Vicuna.
+                return dataset
+
+            def create_model_card(self, *args, **kwargs) -> None:
+                return None
+
+        return DeitaDPOTrainer
+
     from trl import SFTTrainer
 
     class DeitaSFTTrainer(SFTTrainer):
@@ -458,21 +544,44 @@ def _trainer_class():
     return DeitaSFTTrainer
 
 
-def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=None):
-    """Everything up to `trainer.train()`; returns (trainer, recorder, uploader, data). Used by `train` and tests."""
+def check_model(config: TrainConfig) -> None:
+    """The model to start from exists (a folder, or what looks like a Hub id) and, for DPO, is a whole model."""
+    from deita_hub.hub import is_repo_id
+    from deita_hub.records import ADAPTER_CONFIG
+
+    if config.is_tiny:
+        return
+    path = Path(config.model)
+    if not path.exists() and not is_repo_id(config.model):
+        raise DeitaHubError(f"model '{config.model}': no such folder, and not a Hub model id 'org/name'")
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / MODEL_CONFIG).is_file():
+        raise DeitaHubError(
+            f"model '{config.model}' is a LoRA adapter: {config.stage} starts from a whole model; fold it into its "
+            f"base first (deita-hub merge {config.model} --out MERGED) and train from MERGED"
+        )
+
+
+def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=None, rows=None):
+    """Everything up to `trainer.train()`; returns (trainer, recorder, uploader, data). Used by `train` and tests.
+
+    `rows`: the dataset as `training.data.read_training_rows` read it (read here when not given)."""
     import torch
 
-    from deita_hub.training.data import load_train_data
+    from deita_hub.training.data import load_train_data, read_training_rows
 
     cuda = torch.cuda.is_available()
     devices = world_size()
     accumulation = config.gradient_accumulation_steps(devices)
+    if rows is None:
+        check_model(config)
+        rows = read_training_rows(config)  # a bad dataset fails before a model is built or loaded
     model_path, base_model = _resolve_model(config)
-    tokenizer = _load_tokenizer(model_path, config.model_revision)
-    data = load_train_data(config, tokenizer)
+    tokenizer = load_tokenizer(model_path, revision=config.model_revision)
+    data = load_train_data(config, tokenizer, rows)
     log.info(
-        "training data: %d conversations, %d tokens (%d truncated to %d, %d dropped)",
+        "training data: %d %s, %d tokens (%d truncated to %d, %d dropped)",
         data.num_conversations,
+        "preference pairs" if config.stage == "dpo" else "conversations",
         data.num_tokens,
         data.num_truncated,
         config.max_length,
@@ -483,10 +592,11 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
             "qlora on CPU: bitsandbytes' CPU 4-bit kernels train, slowly (fine for tiny models and tests)"
         )
     with _config_mixed_precision(config):
-        args = sft_config(
+        make_args = dpo_config if config.stage == "dpo" else sft_config
+        args = make_args(
             config, gradient_accumulation_steps=accumulation, has_eval=data.eval is not None, cuda=cuda
         )
-        trainer = _trainer_class()(
+        trainer = _trainer_class(config.stage)(
             model=model_path,
             args=args,
             train_dataset=data.train,
@@ -521,7 +631,7 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
 
 def _finished(checkpoint: Path, config: TrainConfig) -> bool:
     """Whether `checkpoint` already ends the planned run (the Trainer, resumed there, would run one more step)."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
     if config.max_steps > 0:
         return state["global_step"] >= config.max_steps
     return (
@@ -541,29 +651,26 @@ def _final_from_checkpoint(config: TrainConfig, checkpoint: Path) -> TrainResult
     tmp = out / f".{FINAL_DIR}.tmp"
     stage(checkpoint, tmp, base_model=None)  # the model files only, as pushed; adapter_config kept as is
     if record is not None:
-        record.update(
-            hub_repo=config.push, model_name=config.push.split("/")[-1] if config.push else out.resolve().name
+        record = dataclasses.replace(
+            record,
+            hub_repo=config.push,
+            model_name=config.push.split("/")[-1] if config.push else out.resolve().name,
         )
         run_record.write_record(tmp, record)
         run_record.write_card(tmp)
     final = out / FINAL_DIR
-    old = out / f".{FINAL_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, final)
     result = TrainResult(
         output_dir=out,
         final_dir=final,
         global_step=step,
-        train_loss=(record or {}).get("results", {}).get("train_loss"),
+        train_loss=record.results.get("train_loss") if record is not None else None,
         resumed_from=step,
     )
     if config.push:
         try:
             detail = push_model_folder(
-                final, config.push, private=config.push_private, base_model=record["base_model"],
+                final, config.push, private=config.push_private, base_model=record.base_model,
                 message="deita-hub: final model",
             )  # fmt: skip
             result.pushes = [PushAttempt(None, True, detail)]
@@ -582,6 +689,10 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
     config.gradient_accumulation_steps(world_size())
     check_extras(config)
     check_environment(config)
+    check_model(config)
+    from deita_hub.training.data import read_training_rows
+
+    rows = read_training_rows(config)  # every row validated before a model is built, loaded or written
     if config.push:
         from deita_hub.hub import check_token
 
@@ -607,9 +718,9 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
             )
         return result
     out.mkdir(parents=True, exist_ok=True)
-    trainer, recorder, uploader, _ = build_trainer(config, extra_callbacks=extra_callbacks)
+    trainer, recorder, uploader, _ = build_trainer(config, extra_callbacks=extra_callbacks, rows=rows)
     if trainer.is_world_process_zero():
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+        write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
@@ -634,14 +745,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
     recorder.write(
         tmp, trainer.state, train_loss=output.training_loss, runtime_s=output.metrics.get("train_runtime")
     )
-    if final.exists():
-        old = out / f".{FINAL_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+    replace_folder(tmp, final)
     if uploader is not None:
         uploader.push_final(final)
         result.pushes = list(uploader.attempts)

@@ -31,18 +31,17 @@ import json
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
 from deita_hub import __version__
+from deita_hub.cards.templates import render_template
 from deita_hub.chat_template import TEMPLATE_NAME, render_vicuna
 from deita_hub.errors import DeitaHubError
-from deita_hub.resources import resource_dir
+from deita_hub.io import atomic_file, write_text
+from deita_hub.records import CARD, LOSS_PLOT, RUN_RECORD
 
-RUN_RECORD = "deita_run.json"
 CARD_TEMPLATE = "model_card.md.j2"
-LOSS_PLOT = "assets/loss.png"  # relative to the card, so the Hub renders it from the same repo
 
 HUB_URL = "https://huggingface.co"
 DEITA_URL = "https://github.com/hkust-nlp/deita"
@@ -84,8 +83,40 @@ BENCHMARKS = {
     ),
 }
 NOT_EVALUATED = "–"
-_BASELINE_KEYS = {"model", "align", "data_size", *BENCHMARKS}
-_EVAL_KEYS = {"schema", "source", "baselines", *BENCHMARKS}
+_BASELINE_KEYS = {"model", "align", "data_size", "reported_by", *BENCHMARKS}
+# `deita-hub eval`'s results.json is an eval-results file too: its detail keys are accepted (and not shown here).
+_EVAL_DETAIL_KEYS = {"model", "revision", "suites", "provenance"}
+_EVAL_KEYS = {"schema", "source", "baselines", *BENCHMARKS, *_EVAL_DETAIL_KEYS}
+# The published rows the seed card compares against, as the Deita paper (arXiv 2312.15685, Table 4) reports them.
+PAPER_BASELINES = (
+    {
+        "model": "Deita 7B v1.0 SFT",
+        "align": "SFT",
+        "data_size": "6K SFT",
+        "reported_by": "the Deita paper",
+        "mt_bench": 7.22,
+        "alpaca_eval": 80.78,
+        "open_llm_avg": 64.94,
+    },
+    {
+        "model": "Random 10K SFT",
+        "align": "SFT",
+        "data_size": "10K SFT",
+        "reported_by": "the Deita paper",
+        "mt_bench": 5.89,
+        "alpaca_eval": 56.90,
+        "open_llm_avg": 61.72,
+    },
+    {
+        "model": "DEITA-7B-v1.0",
+        "align": "SFT + DPO",
+        "data_size": "6K SFT + 10K DPO",
+        "reported_by": "the Deita paper",
+        "mt_bench": 7.55,
+        "alpaca_eval": 90.06,
+        "open_llm_avg": 69.86,
+    },
+)
 
 # Adapter repos load with PEFT; full and merged weights with transformers. A LoRA merged back into its base is,
 # to the Hub's model tree, a fine-tune of that base: the Hub's `merge` relation means a merge of several models.
@@ -113,30 +144,6 @@ _ABS_PATH_RE = re.compile(
     r"(?<![\w.:/~\-])(?:/(?:home|Users|root|tmp|work|mnt|data|scratch|var|opt|srv|private|media|run|nfs|gpfs"
     r"|lustre)/[^\s)\]\"'`|]*|[A-Za-z]:\\[^\s)\]\"'`|]+|file://\S+)"
 )
-
-
-# --- templates ---------------------------------------------------------------------------------------------
-
-
-def render_template(name: str, context: dict) -> str:
-    """Render `model_cards/<name>` with StrictUndefined: a value the context lacks is an error, never blank."""
-    import jinja2
-
-    folder = resource_dir("model_cards")
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(folder)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,  # Markdown, not HTML
-    )
-    try:
-        template = env.get_template(name)
-    except jinja2.TemplateNotFound as exc:
-        raise DeitaHubError(
-            f"card template '{name}' is missing from {folder.name}/ in this installation"
-        ) from exc
-    return template.render(**context)
 
 
 # --- eval results ------------------------------------------------------------------------------------------
@@ -180,6 +187,11 @@ def validate_eval_results(data: Any, *, source: str = "eval results") -> dict:
             raise DeitaHubError(f"{where}: unknown key(s) {unknown}; known: {sorted(_BASELINE_KEYS)}")
         for key in BENCHMARKS:
             _check_number(row.get(key), f"{where}, field '{key}'")
+        if row.get("reported_by") is not None and not isinstance(row["reported_by"], str):
+            raise DeitaHubError(f"{where}, field 'reported_by' must be a string (who published the numbers)")
+    for key in ("suites", "provenance"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise DeitaHubError(f"{source}: field '{key}' must be an object")
     return data
 
 
@@ -219,6 +231,25 @@ def _score(value: Any) -> str:
     return NOT_EVALUATED if value is None else f"{value:.2f}"
 
 
+def _performance_notes(eval_results: dict) -> list[str]:
+    """Footnotes under the table: who reported the † rows, and the spread of deita-hub eval's MT-Bench."""
+    notes = []
+    reporters = dict.fromkeys(
+        r["reported_by"] for r in eval_results.get("baselines") or [] if r.get("reported_by")
+    )
+    for reporter in reporters:
+        paper = f" ([arXiv 2312.15685]({DEITA_PAPER_URL}))" if reporter == "the Deita paper" else ""
+        notes.append(f"†: as reported by {reporter}{paper}, not measured by deita-hub.")
+    mt = ((eval_results.get("suites") or {}).get("mt-bench") or {}).get("score") or {}
+    if mt.get("median") is not None and eval_results.get("mt_bench") is not None:
+        runs = [f"{v:.2f}" for v in mt.get("runs") or [] if v is not None]
+        notes.append(
+            f"MT-Bench of this model: median of {len(mt.get('runs') or [])} judge runs "
+            f"({', '.join(runs)}; min {mt['min']:.2f}, max {mt['max']:.2f})."
+        )
+    return notes
+
+
 def _performance_rows(eval_results: dict, model_name: str, data_size: str) -> list[list[str]]:
     rows = [
         [f"**{model_name}** (this model)", "SFT", data_size]
@@ -226,7 +257,11 @@ def _performance_rows(eval_results: dict, model_name: str, data_size: str) -> li
     ]
     for row in eval_results.get("baselines") or []:
         rows.append(
-            [row["model"], row.get("align") or NOT_EVALUATED, row.get("data_size") or NOT_EVALUATED]
+            [
+                row["model"] + ("†" if row.get("reported_by") else ""),
+                row.get("align") or NOT_EVALUATED,
+                row.get("data_size") or NOT_EVALUATED,
+            ]
             + [_score(row.get(k)) for k in BENCHMARKS]
         )
     return rows
@@ -344,6 +379,15 @@ def _lora_settings(record: dict) -> list[tuple[str, str]]:
     items = [(names.get(k, k), _fmt(v)) for k, v in lora.items() if v is not None]
     quant = record.get("quantization") or {}
     items += [(k, _fmt(v)) for k, v in quant.items() if v is not None]
+    return items
+
+
+def _dpo_settings(dpo: dict) -> list[tuple[str, str]]:
+    """DPO's hyperparameters and lineage: the SFT model it started from and what that model was trained on."""
+    names = ("beta", "loss_type", "reference_model", "sft_model", "sft_model_revision", "sft_base_model")
+    items = [(name, _fmt(dpo[name])) for name in names if dpo.get(name) is not None]
+    if dpo.get("sft_datasets"):
+        items.append(("sft_datasets", ", ".join(dpo["sft_datasets"])))
     return items
 
 
@@ -499,6 +543,9 @@ def card_context(
     ]
     dataset_md = f"{dataset_link} ({', '.join(d for d in details if d)})"
     trained_on = f"trained on {num_rows:,} conversations from {dataset_link}"
+    dpo = record.get("dpo") if record.get("stage") == "dpo" else None
+    if dpo:
+        trained_on = f"trained with DPO on {num_rows:,} preference pairs from {dataset_link}"
     if dataset_build:
         trained_on += " selected by deita-hub (see Data selection)"
     summary, model_type = {
@@ -515,6 +562,8 @@ def card_context(
             f"Causal language model, supervised fine-tuning with a {method_text} adapter merged into the base weights",
         ),
     }[kind]
+    if dpo:
+        model_type = model_type.replace("supervised fine-tuning", "direct preference optimization (DPO)")
     results_items = [
         ("global_step", results.get("global_step")),
         ("epoch", None if results.get("epoch") is None else f"{results['epoch']:.2f}"),
@@ -559,10 +608,12 @@ def card_context(
         if eval_results
         else [],
         "eval_source": (eval_results or {}).get("source"),
+        "performance_notes": _performance_notes(eval_results) if eval_results else [],
         "not_evaluated": NOT_EVALUATED,
         "hyperparameters": hyperparameter_list(record),
         "settings": _extra_settings(record),
         "lora_settings": _lora_settings(record),
+        "dpo_settings": _dpo_settings(dpo) if dpo else [],
         "loss_rows": loss_rows,
         "loss_every": loss_every,
         "loss_plot": loss_plot,
@@ -583,7 +634,10 @@ def card_data(record: dict, *, eval_results: dict | None = None):
     kind = _field(record, "kind")
     model_name = _field(record, "model_name")
     dataset_id = _field(record, "dataset.id")
-    tags = ["deita", "deita-hub", "trl", "sft"] + (
+    dpo = record.get("dpo") if record.get("stage") == "dpo" else None
+    # Lineage: a DPO model's datasets are its SFT model's and its preference set, in training order.
+    lineage = [*((dpo or {}).get("sft_datasets") or []), dataset_id]
+    tags = ["deita", "deita-hub", "trl", "dpo" if dpo else "sft"] + (
         [record["method"]] if record.get("method") in ("lora", "qlora") else []
     )
     # A local base model is recorded by folder basename; the Hub's model tree only knows `namespace/name` ids.
@@ -595,7 +649,7 @@ def card_data(record: dict, *, eval_results: dict | None = None):
         base_model=base_model if on_hub else None,
         base_model_relation=_RELATION[kind] if on_hub else None,
         library_name=_LIBRARY[kind],
-        datasets=[dataset_id] if _hub_link(dataset_id, "dataset") else None,
+        datasets=[d for d in lineage if _hub_link(d, "dataset")] or None,
         tags=tags,
         pipeline_tag="text-generation",
         model_name=model_name,
@@ -651,27 +705,9 @@ def plot_loss(record: dict, out: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(out) as tmp:
+    with atomic_file(out) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
     return out
-
-
-class _atomic_path:
-    """A temp file beside `target`, renamed over it on success and removed on failure (no partial files)."""
-
-    def __init__(self, target: Path):
-        self.target = target
-        # A plain new file (not mkstemp's 0600) so the card keeps the umask's permissions after the rename.
-        self.tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 def write_model_card(folder: Path, *, eval_results: Path | None = None, out: Path | None = None) -> Path:
@@ -679,12 +715,10 @@ def write_model_card(folder: Path, *, eval_results: Path | None = None, out: Pat
     folder = Path(folder)
     record = read_run_record(folder)
     results = read_eval_results(eval_results) if eval_results is not None else None
-    out = Path(out) if out is not None else folder / "README.md"
+    out = Path(out) if out is not None else folder / CARD
     out.parent.mkdir(parents=True, exist_ok=True)
     # Render first (it validates the record), so a bad record leaves neither a card nor a plot behind.
     model_card(record, eval_results=results, loss_plot=LOSS_PLOT)
     plot = plot_loss(record, out.parent / LOSS_PLOT)
     card = model_card(record, eval_results=results, loss_plot=LOSS_PLOT if plot else None)
-    with _atomic_path(out) as tmp:
-        tmp.write_text(str(card), encoding="utf-8")
-    return out
+    return write_text(out, str(card))
