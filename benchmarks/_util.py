@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 
 import numpy as np
 
@@ -45,6 +46,26 @@ def clustered_embeddings(
         out.flush()  # write back as we go: dirty pages of an 8 GiB file must not pile up in memory
     out.flush()
     del out
+
+
+def replay_gemms(products: list[tuple[int, int, int]]) -> float:
+    """Seconds the walk's matrix products take as bare float32 GEMMs of the same shapes (`a @ b.T`, as the
+    walk multiplies a block by the selected rows), on random data."""
+    rng = np.random.default_rng(0)
+    operands = {}  # one contiguous pair per inner dimension, as large as its largest product
+    for inner in {d for _, _, d in products}:
+        rows = max(m for m, _, d in products if d == inner)
+        cols = max(n for _, n, d in products if d == inner)
+        operands[inner] = (
+            rng.standard_normal((max(rows, 1), inner), dtype=np.float32),
+            rng.standard_normal((max(cols, 1), inner), dtype=np.float32),
+        )
+    start = time.perf_counter()
+    for m, n, d in products:
+        if m and n:
+            a, b = operands[d]
+            np.dot(a[:m], b[:n].T)
+    return time.perf_counter() - start
 
 
 def save_benchmark_llama(folder, hidden: int, layers: int, *, answers_digits: bool = False):

@@ -6,13 +6,13 @@
 
 The pool (JSONL, ~1.5 KB a row, Deita-like 1-2 turns with scores) and the clustered embedding matrix (fewer
 distinct directions than the largest budget, so the selection scans every row) are generated first, into
---workdir (kept, so a rerun skips generation) or a temporary folder. Then three processes, each with its own
-peak RSS:
+--workdir (kept, so a rerun skips generation) or a temporary folder. Then processes, each with its own peak RSS:
 
   pool    `read_pool` of the JSONL + the evol scores (what every command starts with);
-  select  the Deita walk over the memory-mapped matrix for the largest budget, then the same float32 matrix
-          products replayed as plain GEMMs: the floor a blockwise exact filter can approach;
-  build   `deita_hub.dataset.build` of a four-subset recipe, with the time of each of its steps.
+  build   `deita_hub.dataset.build` of a four-subset recipe, with the time and resident memory after each of its
+          steps; then the Deita walk's matrix products (`Selection.products`) replayed as bare float32 GEMMs of
+          the same shapes: the floor a blockwise exact filter can approach;
+  select  (--select-process) the walk alone over the memory-mapped matrix, replayed the same way.
 
 Goals (issue 16, 2 cores, 24 GB): each process's peak RSS <= 1x the embedding matrix (the pool streamed, the
 matrix memory-mapped); the selection within 1.5x of its GEMM time; everything in the build but the selection
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import clustered_embeddings, peak_rss_bytes  # noqa: E402
+from _util import clustered_embeddings, peak_rss_bytes, replay_gemms  # noqa: E402
 
 RECIPE = """
 name: bench
@@ -56,24 +56,32 @@ POOL_BYTES_PER_ROW = 1600  # measured: the generated rows average ~1.5 KB of JSO
 
 
 def write_pool(folder: Path, rows: int, dim: int, clusters: int, dtype: str) -> None:
+    """Deita-like rows (1-2 turns, 5-60-word questions, 20-300-word answers, per-turn scores), written a chunk at a
+    time from vectorised draws with the JSON spelled out (the values need no escaping): a million rows in
+    about a minute, not the many minutes json.dumps per row takes on two busy cores."""
     rng = np.random.default_rng(0)
+    chunk = 65536
     with open(folder / "pool.jsonl.partial", "w") as handle:
-        for i in range(rows):
-            turns = 1 + int(rng.random() < 0.3)
-            conv, c, q = [], [], []
-            for t in range(turns):
-                conv += [
-                    {"from": "human", "value": f"Question {i}.{t}: " + "word " * int(rng.integers(5, 60))},
-                    {"from": "gpt", "value": f"Answer {i}.{t}: " + "token " * int(rng.integers(20, 300))},
-                ]
-                c.append(round(float(rng.uniform(1, 6)), 3))
-                q.append(round(float(rng.uniform(1, 6)), 3))
-            handle.write(
-                json.dumps(
-                    {"id": f"r{i}", "conversations": conv, "complexity_scores": c, "quality_scores": q}
+        for first in range(0, rows, chunk):
+            n = min(chunk, rows - first)
+            turns = 1 + (rng.random(n) < 0.3)
+            words = rng.integers([5, 20, 5, 20], [60, 300, 60, 300], size=(n, 4))
+            scores = np.round(rng.uniform(1, 6, size=(n, 4)), 3).tolist()
+            lines = []
+            for j in range(n):
+                i, conv = first + j, []
+                for t in range(turns[j]):
+                    conv.append(
+                        f'{{"from": "human", "value": "Question {i}.{t}: {"word " * words[j, 2 * t]}"}}, '
+                        f'{{"from": "gpt", "value": "Answer {i}.{t}: {"token " * words[j, 2 * t + 1]}"}}'
+                    )
+                c = ", ".join(map(repr, scores[j][: turns[j]]))
+                q = ", ".join(map(repr, scores[j][2 : 2 + turns[j]]))
+                lines.append(
+                    f'{{"id": "r{i}", "conversations": [{", ".join(conv)}], "complexity_scores": [{c}], '
+                    f'"quality_scores": [{q}]}}\n'
                 )
-                + "\n"
-            )
+            handle.write("".join(lines))
     clustered_embeddings(
         folder / "emb.partial.npy", rows, dim, clusters=clusters, noise=0.3, seed=5, dtype=dtype
     )
@@ -107,22 +115,6 @@ def stage_pool(folder: Path) -> dict:
     }
 
 
-def replay_gemms(products: list[tuple[int, int, int]]) -> float:
-    """Seconds the walk's matrix products take as bare float32 GEMMs of the same shapes (`a @ b.T`, as the
-    walk multiplies a block by the selected rows), on random data."""
-    rng = np.random.default_rng(0)
-    rows = max(m for m, _, _ in products)
-    cols = max(n for _, n, _ in products)
-    inner = max(d for _, _, d in products)
-    a = rng.standard_normal((rows, inner), dtype=np.float32)
-    b = rng.standard_normal((cols, inner), dtype=np.float32)
-    start = time.perf_counter()
-    for m, n, d in products:
-        if m and n:
-            np.dot(a[:m, :d], b[:n, :d].T)
-    return time.perf_counter() - start
-
-
 def stage_select(folder: Path) -> dict:
     from deita_hub.selection import SelectionConfig, deita_select
 
@@ -132,16 +124,7 @@ def stage_select(folder: Path) -> dict:
     result = deita_select(embeddings, scores, SelectionConfig(budget=LARGEST_BUDGET, max_similarity=0.9))
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()  # before the replay, which holds its own operands
-    return {
-        "seconds": seconds,
-        "peak_rss": peak,
-        "selected": len(result),
-        "scanned": result.scanned,
-        "rows": int(embeddings.shape[0]),
-        "gemm_seconds": replay_gemms(result.products),
-        "gemm_flop": sum(2 * m * n * d for m, n, d in result.products),
-        "rejected_via_sketch": result.stats["rejected_via_sketch"],
-    }
+    return {"seconds": seconds, "peak_rss": peak, **walk_stats(result)}
 
 
 def stage_build(folder: Path) -> dict:
@@ -149,14 +132,20 @@ def stage_build(folder: Path) -> dict:
     import deita_hub.dataset as dataset
 
     steps: dict[str, float] = {}
+    resident: dict[str, int] = {}  # RSS right after each step: what the build still holds
+    selections = {}
 
-    def timed(step: str, function):
+    def timed(step: str, name: str, function):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return function(*args, **kwargs)
+                result = function(*args, **kwargs)
+                if name == "select_subsets":
+                    selections.update(result)
+                return result
             finally:
                 steps[step] = steps.get(step, 0.0) + time.perf_counter() - start
+                resident[step] = current_rss_bytes()
 
         return wrapper
 
@@ -164,26 +153,46 @@ def stage_build(folder: Path) -> dict:
         ("read pool", "load_recipe_pool"),
         ("scores", "pool_scores"),
         ("embeddings (memory map)", "pool_embeddings"),
-        ("select (4 subsets, 2 walks)", "select_subsets"),
+        ("select (4 subsets, 1 walk)", "select_subsets"),
         ("subset tables", "subset_table"),
         ("parquet", "_write_shards"),
         ("score plot", "plot_scores"),
         ("dataset card", "dataset_card"),
     ):
-        setattr(dataset, name, timed(step, getattr(dataset, name)))
+        setattr(dataset, name, timed(step, name, getattr(dataset, name)))
     out = folder / "out"
     start = time.perf_counter()
     result = dataset.build(
         folder / "recipe.yaml", out, cache_dir=folder / "cache", progress=False, overwrite=True
     )
     seconds = time.perf_counter() - start
+    peak = peak_rss_bytes()  # before the replay, which holds its own operands
     shutil.rmtree(out, ignore_errors=True)
+    walk = selections["10k"]  # the one Deita walk (6k is its prefix); random and longest multiply nothing
     return {
         "seconds": seconds,
-        "peak_rss": peak_rss_bytes(),
+        "peak_rss": peak,
         "steps": steps,
+        "resident": resident,
         "rows": {s["name"]: s["rows"] for s in result.record["subsets"]},
+        **walk_stats(walk),
     }
+
+
+def walk_stats(walk) -> dict:
+    return {
+        "selected": len(walk),
+        "scanned": walk.scanned,
+        "pool_rows": walk.stats["pool_rows"],
+        "rejected_via_sketch": walk.stats["rejected_via_sketch"],
+        "gemm_seconds": replay_gemms(walk.products),
+        "gemm_flop": sum(2 * m * n * d for m, n, d in walk.products),
+    }
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 STAGES = {"pool": stage_pool, "select": stage_select, "build": stage_build}
@@ -222,34 +231,42 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
         f"{DTYPES[args.dtype]} ({matrix_bytes / 2**30:.2f} GiB, memory-mapped)"
     )
     print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()), f"({os.cpu_count()} CPUs)")
-    pool, select, build = (run_stage(stage, folder) for stage in ("pool", "select", "build"))
+    pool = run_stage("pool", folder)
+    select = run_stage("select", folder) if args.select_process else None
+    build = run_stage("build", folder)
 
     def rss(stats):
         return f"{stats['peak_rss'] / 2**30:6.2f} GiB {stats['peak_rss'] / matrix_bytes:5.2f}x"
 
+    selecting = build["steps"]["select (4 subsets, 1 walk)"]
     print(f"\n{'process / step':34} {'wall s':>8}   {'peak RSS':>9} {'x matrix':>8}")
     print(f"{'pool: read_pool + evol scores':34} {pool['seconds']:8.1f}   {rss(pool)}")
     print(f"{'  of which read_pool':34} {pool['read_seconds']:8.1f}")
-    print(f"{'select: one walk, budget 10K':34} {select['seconds']:8.1f}   {rss(select)}")
-    print(
-        f"{'  its products as fp32 GEMMs':34} {select['gemm_seconds']:8.1f}   "
-        f"({select['gemm_flop'] / 1e12:.2f} TFLOP, {select['gemm_flop'] / 1e9 / select['gemm_seconds']:.0f} GFLOP/s)"
-    )
+    if select:
+        print(f"{'select: the walk alone':34} {select['seconds']:8.1f}   {rss(select)}")
+        print(f"{'  its products as fp32 GEMMs':34} {select['gemm_seconds']:8.1f}")
     print(f"{'build: the whole recipe':34} {build['seconds']:8.1f}   {rss(build)}")
     for step, seconds in build["steps"].items():
-        print(f"{'  ' + step:34} {seconds:8.1f}")
-    selecting = build["steps"].get("select (4 subsets, 2 walks)", 0.0)
-    rest = build["seconds"] - selecting
-    worst = max(pool["peak_rss"], select["peak_rss"], build["peak_rss"])
+        print(
+            f"{'  ' + step:34} {seconds:8.1f}   {build['resident'][step] / 2**30:6.2f} GiB resident after it"
+        )
     print(
-        f"\nselected {select['selected']:,} after scanning {select['scanned']:,} of {select['rows']:,} rows "
-        f"({select['rejected_via_sketch']:,} rejected through the sketch); rows per subset {build['rows']}"
+        f"{'  its walk: products as fp32 GEMMs':34} {build['gemm_seconds']:8.1f}   "
+        f"({build['gemm_flop'] / 1e12:.2f} TFLOP at {build['gemm_flop'] / 1e9 / build['gemm_seconds']:.0f} GFLOP/s, "
+        "replayed after the build)"
+    )
+    rest = build["seconds"] - selecting
+    worst = max(s["peak_rss"] for s in (pool, select, build) if s)
+    print(
+        f"\nthe walk selected {build['selected']:,} after scanning {build['scanned']:,} of {build['pool_rows']:,} "
+        f"rows ({build['rejected_via_sketch']:,} rejected through the sketch); rows per subset {build['rows']}"
     )
     print(
         f"goals: peak RSS <= 1x the matrix: worst {worst / matrix_bytes:.2f}x | selection <= 1.5x its GEMM time: "
-        f"{select['seconds'] / select['gemm_seconds']:.2f}x | build minus selection <= 25% of the build: "
+        f"{selecting / build['gemm_seconds']:.2f}x | build minus selection <= 25% of the build: "
         f"{rest:.1f} s = {rest / build['seconds']:.0%}"
     )
+    print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 def main() -> None:
@@ -263,6 +280,12 @@ def main() -> None:
         "--clusters", type=int, default=8000, help="distinct directions: fewer than 10K forces a full scan"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="keep the generated data here (reused)")
+    parser.add_argument(
+        "--select-process", action="store_true", help="also time the walk alone, in a process of its own"
+    )
+    parser.add_argument(
+        "--generate-only", action="store_true", help="write the data into --workdir and stop (measure later)"
+    )
     parser.add_argument("--stage", default=None, choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("folder", nargs="?", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,6 +304,9 @@ def main() -> None:
             write_pool(folder, args.rows, args.dim, args.clusters, DTYPES[args.dtype])
             spec.write_text(json.dumps(wanted))
             generated = time.perf_counter() - start
+        if args.generate_only:
+            print(f"generated {folder} in {generated:.0f} s")
+            return
         report(args, folder, generated)
 
 

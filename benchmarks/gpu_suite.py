@@ -81,15 +81,15 @@ SIZES = {
         "budget": 10_000,
     },
     "tiny": {
-        "max_length": 256,
-        "train_rows": 16,
+        "max_length": 128,
+        "train_rows": 8,
         "train_batch": 4,
-        "train_steps": 3,
-        "score_rows": 24,
-        "baseline_rows": 8,
-        "embed_rows": 24,
-        "questions": 8,
-        "max_new_tokens": 8,
+        "train_steps": 2,
+        "score_rows": 16,
+        "baseline_rows": 4,
+        "embed_rows": 16,
+        "questions": 4,
+        "max_new_tokens": 4,
         "select_rows": 20_000,
         "select_dim": 256,
         "select_clusters": 800,
@@ -121,32 +121,12 @@ def build_model(shape: str, out: Path, *, tiny: bool) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     del model
+    if cuda:  # the row that built it measures its own peak memory next
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     return out
-
-
-def preference_pool(path: Path, rows: int) -> Path:
-    """Prompt + chosen + rejected replies of Deita-6K-like lengths (OpenAI layout, reply-only columns)."""
-    import random
-
-    rng = random.Random(0)
-    with open(path, "w", encoding="utf-8") as handle:
-        for _ in range(rows):
-            reply = [min(400, int(rng.lognormvariate(4.2, 0.9))) for _ in range(2)]
-            handle.write(
-                json.dumps(
-                    {
-                        "prompt": random_text(rng, 5, 40),
-                        "chosen": [
-                            {"role": "assistant", "content": random_text(rng, reply[0], reply[0] + 1)}
-                        ],
-                        "rejected": [
-                            {"role": "assistant", "content": random_text(rng, reply[1], reply[1] + 1)}
-                        ],
-                    }
-                )
-                + "\n"
-            )
-    return path
 
 
 def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -229,62 +209,62 @@ def row_train_variant(work: Path, size: dict, tiny: bool, **options) -> dict:
 
 
 def row_dpo(work: Path, size: dict, tiny: bool) -> dict:
+    """benchmarks/dpo.py's variants: deita-hub's `stage: dpo` vs TRL's DPOTrainer with its defaults."""
+    import torch
+    from dpo import synthetic_pairs
+
     model = build_model("mistral-7b", work / "mistral-7b", tiny=tiny)
     pool = work / "pairs.jsonl"
     if not pool.exists():
-        preference_pool(pool, size["train_rows"])
-    base = child("dpo-variant", work, tiny, model=str(model), dataset=str(pool), precompute=False)
-    ours = child("dpo-variant", work, tiny, model=str(model), dataset=str(pool), precompute=True)
+        synthetic_pairs(pool, size["train_rows"], seed=0)
+    results = {
+        variant: child(
+            "dpo-variant",
+            work,
+            tiny,
+            variant=variant,
+            model=str(model),
+            dataset=str(pool),
+            bf16=torch.cuda.is_available() and not tiny,
+        )
+        for variant in ("trl_default", "deita_hub")
+    }
+    ours, base = results["deita_hub"], results["trl_default"]
     return {
-        "unit": "pairs/s",
-        "ours": ours["pairs_per_s"],
-        "baseline": base["pairs_per_s"],
+        "unit": "tokens/s",
+        "ours": ours["tokens_per_s"],
+        "baseline": base["tokens_per_s"],
         "ours_memory": ours["peak_memory_bytes"],
         "baseline_memory": base["peak_memory_bytes"],
-        "what": "full DPO: precompute_ref_log_probs vs TRL's default (a frozen reference copy)",
+        "what": f"full DPO {size['max_length']} tokens: `stage: dpo` vs TRL's DPOTrainer defaults",
     }
 
 
-def row_dpo_variant(work: Path, size: dict, tiny: bool, model: str, dataset: str, precompute: bool) -> dict:
-    import torch
+def row_dpo_variant(work: Path, size: dict, tiny: bool, **options) -> dict:
+    from dpo import run_variant
 
-    from deita_hub.training.config import TrainConfig
-    from deita_hub.training.trainer import build_trainer
-
-    cuda = torch.cuda.is_available() and not tiny
-    config = TrainConfig(
-        stage="dpo",
-        method="full",
-        model=model,
-        dataset=dataset,
-        output_dir=str(work / f"dpo-{precompute}"),
-        max_length=size["max_length"],
-        per_device_train_batch_size=size["train_batch"],
-        total_train_batch_size=size["train_batch"],
-        max_steps=size["train_steps"],
-        save_steps=10**9,
-        logging_steps=1,
-        bf16=cuda,
-        gradient_checkpointing=cuda,
-        precompute_ref_log_probs=precompute,
-        learning_rate=1e-6,
+    return run_variant(
+        Namespace(
+            variant=options["variant"],
+            model=options["model"],
+            dataset=options["dataset"],
+            output_dir=str(work / f"dpo-{options['variant']}"),
+            max_length=size["max_length"],
+            batch=size["train_batch"],
+            steps=size["train_steps"],
+            bf16=options["bf16"],
+            gradient_checkpointing=not tiny,
+        )
     )
-    kind, peak = device_memory()
-    start = time.perf_counter()
-    trainer, *_ = build_trainer(config)
-    trainer.train()  # the reference precomputation, when asked for, runs inside train(): it is counted
-    seconds = time.perf_counter() - start
-    pairs = size["train_steps"] * size["train_batch"]
-    return {"pairs_per_s": pairs / seconds, "peak_memory_bytes": peak(), "memory_kind": kind}
 
 
 def row_score(work: Path, size: dict, tiny: bool) -> dict:
     """deita-hub's transformers backend (bf16 on a GPU) vs Deita's generate-per-row, the same 13B-shaped model."""
     import torch
+    from score import deita_way
     from transformers import AutoModelForCausalLM
 
     from deita_hub.scoring import ScoreConfig, make_scorer, prompts, score_conversations
-    from score import deita_way
 
     folder = build_model("llama-13b", work / "llama-13b", tiny=tiny)
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
@@ -322,7 +302,8 @@ def row_score(work: Path, size: dict, tiny: bool) -> dict:
 
 
 def vllm_engine_options(tiny: bool) -> dict:
-    options = {"load_format": "dummy", "enforce_eager": tiny}
+    # Eager: CUDA graph capture and compilation would cost a minute per engine of the suite's 8.
+    options = {"load_format": "dummy", "enforce_eager": True}
     if tiny:
         options["kv_cache_memory_bytes"] = (
             1 << 28
@@ -440,7 +421,7 @@ def row_eval(work: Path, size: dict, tiny: bool) -> dict:
         device="cuda" if cuda else "cpu",
         **common,
     )
-    n = max(2, len(questions) // 4)
+    n = max(2, len(questions) // 16)  # one at a time is slow: a few questions give its rate
     start = time.perf_counter()
     for question in questions[:n]:
         answer_one_at_a_time(baseline_generator, question, 0.0)
@@ -511,7 +492,14 @@ HELPERS = {"train-variant": row_train_variant, "dpo-variant": row_dpo_variant}
 
 
 def child(name: str, work: Path, tiny: bool, **options) -> dict:
-    """Run one row (or a row's variant) in a new process; its last stdout line is its JSON result."""
+    """Run one row (or a row's variant) in a new process; its last stdout line is its JSON result. --tiny runs
+    it in this process instead: the imports (torch, transformers, TRL) would cost more than the rows."""
+    if tiny:
+        function = ROW_FUNCTIONS.get(name) or HELPERS[name]
+        try:
+            return function(work, SIZES["tiny"], tiny, **options)
+        except Exception as exc:  # a failed row is reported in the table, as a failed child is
+            raise RuntimeError(f"{name} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
     command = [
         sys.executable,
         __file__,
@@ -539,7 +527,10 @@ def gpu_name(tiny: bool) -> str:
 
 
 def table(results: dict[str, dict], device: str) -> str:
-    lines = [f"deita-hub GPU suite on {device}", ""]
+    lines = [f"deita-hub GPU suite on {device}"]
+    if "--tiny" in device:
+        lines.append("(--tiny: every row in one process; its peak memory is that process's, not comparable)")
+    lines.append("")
     lines.append(
         f"{'row':<20}{'ours':>12}{'baseline':>12}{'unit':>13}{'ratio':>8}{'peak GiB ours/base':>22}  what"
     )

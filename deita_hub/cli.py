@@ -42,6 +42,7 @@ ORDER = (
     "merge",
     "chat",
     "eval",
+    "ablate",
     "card",
 )
 
@@ -137,8 +138,52 @@ def cli() -> None:
     """Deita data selection and Hugging Face Hub releases: score, embed, select, build, push, train, eval."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop), raised where Ctrl-C raises KeyboardInterrupt: the same cleanup and
+    progress saving run, and the exit code says which signal it was (143 = 128 + SIGTERM)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _install_stop_signals() -> dict:
+    """Ctrl-C and SIGTERM raise in the main thread; returns the previous handlers for `_restore_signals`."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # handlers can only be set from the main thread
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGINT's handler is set explicitly: a process started in the background by a non-interactive shell
+    # inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _quiet_unrelated_loggers() -> None:
+    # sentence-transformers imports transformers.trainer_utils, which imports peft, which imports bitsandbytes
+    # when installed ([qlora]); on import bitsandbytes logs a warning about its optional `kernels` package for
+    # CPU 4-bit matmuls, which only 4-bit weights use. A command prints only what concerns its own work.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The console script; tests call it in-process: `main(["select", ...])` returns the exit code."""
+    """The console script; tests call it in-process: `main(["select", ...])` returns the exit code.
+
+    Exit codes: 0 done, 1 a DeitaHubError (one line), 2 a usage error, 130 Ctrl-C, 143 SIGTERM."""
+    from deita_hub.io import disk_full_error, is_disk_full
+
+    _quiet_unrelated_loggers()
+    previous = _install_stop_signals()
     try:
         # without standalone mode click returns the code of `ctx.exit(code)` instead of raising
         code = cli.main(args=argv, prog_name="deita-hub", standalone_mode=False)
@@ -149,15 +194,30 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns KeyboardInterrupt (and so Terminated) into Abort, keeping it as the cause
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("terminated", err=True)
+            return 143
         click.echo("interrupted", err=True)
         return 130
     except DeitaHubError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1
+    except Terminated:
+        click.echo("terminated", err=True)
+        return 143
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        # A write outside deita-hub's own writers (a library saving a checkpoint) ran out of space.
+        click.echo(f"error: {disk_full_error(getattr(exc, 'filename', None) or '.', kept=False)}", err=True)
+        return 1
+    finally:
+        _restore_signals(previous)
     return 0
 
 
@@ -563,10 +623,10 @@ def _train_help():
 @_SET
 @_help_config(_train_help)
 def train(config_file, resume, sets, **values):
-    """Fine-tune with the Vicuna v1.1 template (TRL; qlora, lora or full).
+    """Fine-tune with the Vicuna v1.1 template: SFT or DPO (TRL; qlora, lora or full).
 
     CONFIG is a YAML file (configs/mistral-7b-qlora.yaml, mistral-7b-lora.yaml, mistral-7b-full.yaml,
-    tiny-cpu.yaml; packaged names work anywhere). Flags override its keys. Multi-GPU: `accelerate launch
+    mistral-7b-dpo.yaml, tiny-cpu.yaml, tiny-dpo-cpu.yaml; packaged names work anywhere). Flags override its keys. Multi-GPU: `accelerate launch
     --config_file configs/accelerate/fsdp.yaml -m deita_hub train CONFIG`.
     """
     import yaml
@@ -693,6 +753,48 @@ def eval_command(**values):
         click.echo(f"card updated: {report.card}")
     if report.pushed_commit:
         click.echo(f"pushed card: {report.pushed_commit}")
+
+
+@cli.command("ablate")
+@click.argument("ablation_file", metavar="ABLATION")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for the steps and the report."
+)
+@click.option("--dry-run", is_flag=True, help="Print the steps and which are cached; run nothing.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Arm-and-seed chains run at once through Ray (one GPU each when the cluster has GPUs; extra [ray]).",
+)
+@cli_options(Publish, only=("push",))
+def ablate(ablation_file, out, dry_run, workers, **values):
+    """Train and evaluate every arm of ABLATION identically, then compare them (cached, resumable steps)."""
+    from deita_hub.ablation import load_ablation, push_report, run
+
+    publish = from_cli(Publish, take(values, Publish, only=("push",)))
+    if publish.push:
+        from deita_hub.hub import check_token
+
+        check_token()
+    ablation = load_ablation(ablation_file)
+    results = run(ablation, out, dry_run=dry_run, workers=workers, echo=click.echo)
+    if results is None:
+        return
+    for name, bench in results["benchmarks"].items():
+        for arm, row in bench["arms"].items():
+            diff = row.get("vs_baseline")
+            versus = (
+                f"; vs {results['baseline']} {diff['mean_difference']:+.3f} "
+                f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]"
+                if diff
+                else ""
+            )
+            click.echo(f"{name}: {arm} {row['mean']:.3f} ± {row['std']:.3f}{versus}")
+    click.echo(f"report in {Path(out) / 'README.md'}")
+    if publish.push:
+        click.echo(f"pushed report: {push_report(Path(out), publish.push)}")
 
 
 # --- cards ---

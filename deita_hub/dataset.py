@@ -27,7 +27,7 @@ from deita_hub import __version__
 from deita_hub.cards.dataset import dataset_card, describe, plot_scores
 from deita_hub.embedding import embed_pool, load_embeddings
 from deita_hub.errors import DeitaHubError
-from deita_hub.io import atomic_file, atomic_folder, refuse_existing, write_text
+from deita_hub.io import atomic_file, atomic_folder, file_lock, refuse_existing, write_text
 from deita_hub.pool import Pool, read_pool
 from deita_hub.preferences import is_preference_columns, is_preference_source, read_preferences
 from deita_hub.recipes import Recipe, load_recipe
@@ -152,10 +152,12 @@ def pool_embeddings(
     }
     key = hashlib.sha256(json.dumps([fingerprint, settings], sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / "embeddings" / f"{key}.npy"
-    if path.exists():
-        log.info("reusing cached embeddings %s", path)
-        return load_embeddings(path, num_rows=len(pool), conversations_fingerprint=fingerprint)
-    embed_pool(pool.conversations, path, config, pool_provenance=pool.provenance(), progress=progress)
+    # Two builds of one pool at once: the second waits here for the first's embeddings, then reuses them.
+    with file_lock(path.with_name(path.name + ".lock")):
+        if path.exists():
+            log.info("reusing cached embeddings %s", path)
+        else:
+            embed_pool(pool.conversations, path, config, pool_provenance=pool.provenance(), progress=progress)
     return load_embeddings(path, num_rows=len(pool), conversations_fingerprint=fingerprint)
 
 

@@ -4,10 +4,17 @@
 over `path` (`os.replace` is atomic within one filesystem), and on any error it is removed. `atomic_folder(path)`
 does the same for a folder built in a hidden sibling. `write_rows` writes rows as JSONL, JSON or parquet (by
 extension) through `atomic_file`.
+
+A write that runs out of space (ENOSPC, or a quota: EDQUOT) is a one-line `DeitaHubError` naming the file and the
+free space left, and the previous file or folder stays as it was. `file_lock(path)` serialises processes that
+fill one cache entry; `claim_folder(path, what)` keeps a second process from writing into a folder one already
+writes (two trainings into one output folder).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -39,6 +46,30 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """An error that says the file system (or the user's quota) has no room left, whoever raised it.
+
+    pyarrow and torch re-raise the C library's error with its text but not always its errno."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, OSError | RuntimeError) and "No space left on device" in str(exc)
+
+
+def disk_full_error(path: str | Path, *, kept: bool = True) -> DeitaHubError:
+    """The one-line message for a write that ran out of space at `path`."""
+    path = Path(path)
+    folder = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    kept_text = f"; the previous {path.name} is unchanged" if kept and path.exists() else ""
+    return DeitaHubError(
+        f"{path}: no space left on the device holding {folder} ({free}){kept_text}; free some space or write "
+        "elsewhere, then run the command again"
+    )
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path` to write; on success it replaces `path`, on error it is removed.
@@ -52,8 +83,10 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path) from exc
         raise
 
 
@@ -102,9 +135,56 @@ def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         replace_folder(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc) and not isinstance(exc, DeitaHubError):
+            raise disk_full_error(path) from exc
         raise
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if missing) for the block; other holders wait.
+
+    `fcntl.flock` locks are released by the kernel when the process ends, however it ends, so a killed run never
+    leaves a stale lock behind (a lock file's mere existence would)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+_CLAIMS: dict[Path, int] = {}  # folder -> open descriptor holding its lock until this process ends
+
+CLAIM_FILE = "deita-hub.lock"  # not hidden: it is no temp file, and it says who holds the folder
+
+
+def claim_folder(path: str | Path, what: str) -> None:
+    """Mark the folder `path` as written by this process until it ends; refuse if another process holds it.
+
+    `what` names the work in the message ("a training"). The lock file holds the owner's pid for the message;
+    the lock itself is the kernel's (`flock`), so it goes away with its process."""
+    path = Path(path).resolve()
+    if path in _CLAIMS:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / CLAIM_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"{what} (pid {owner})" if owner.isdigit() else what
+        raise DeitaHubError(
+            f"{path} is in use: {who} is writing into it; wait for it to end or choose another output folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _CLAIMS[path] = fd
 
 
 def write_rows(rows: list[dict] | pa.Table, path: str | Path) -> Path:

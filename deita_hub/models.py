@@ -66,3 +66,23 @@ def load_causal_lm(
         return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, revision=revision)
     except Exception as exc:  # not a folder, not on the Hub, the revision is gone, an unknown architecture
         raise DeitaHubError(f"cannot load {what} '{model}': {exc}{hint}") from exc
+
+
+def is_adapter(path: str, revision: str | None = None) -> bool:
+    """Whether `path` (a folder or a Hub id) holds a PEFT adapter (adapter_config.json) rather than a whole model.
+
+    A Hub id is asked through the Hub module: one quick check, one-line errors that never hold the token."""
+    from pathlib import Path
+
+    from deita_hub import hub
+    from deita_hub.records import ADAPTER_CONFIG
+
+    if Path(path).is_dir():
+        return (Path(path) / ADAPTER_CONFIG).is_file()
+    try:
+        hub.download(path, revision=revision, filename=ADAPTER_CONFIG)
+        return True
+    except hub.NotOnHubError as exc:
+        if exc.missing == "file":
+            return False
+        raise

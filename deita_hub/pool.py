@@ -87,14 +87,27 @@ def _hash_path(path: Path, digest) -> None:
                 digest.update(chunk)
 
 
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (re-save the file as UTF-8)"
+
+
 def _read_json_rows(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not part of the JSON
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DeitaHubError(f"{path}: line {line}: {_not_utf8(data, exc)}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DeitaHubError(
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from exc
+    except RecursionError:
+        raise DeitaHubError(
+            f"{path}: JSON nested too deeply to read (lists or objects nested hundreds of levels deep)"
+        ) from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         raise DeitaHubError(
@@ -108,22 +121,28 @@ def _read_json_rows(path: Path) -> list[Any]:
 
 def _read_jsonl_rows(path: Path, on_invalid: str, invalid: list) -> list[Any]:
     rows: list[Any] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            reason = None
             try:
+                # a byte-order mark opens the first line only; elsewhere it is an error like any other
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                if not line.strip():
+                    continue
                 rows.append(json.loads(line))
+            except UnicodeDecodeError as exc:
+                reason = f"line {line_no}: {_not_utf8(raw, exc)}"
             except json.JSONDecodeError as exc:
-                error = InvalidRecordError(
-                    f"invalid JSON on line {line_no}: {exc.msg} (column {exc.colno})",
-                    row=len(rows),
-                    source=str(path),
-                )
-                if on_invalid == "error":
-                    raise error from exc
-                invalid.append({"row": len(rows), "field": None, "reason": error.reason, "source": str(path)})
-                rows.append(None)  # keep positions aligned with the file's records
+                reason = f"invalid JSON on line {line_no}: {exc.msg} (column {exc.colno})"
+            except RecursionError:
+                reason = f"line {line_no}: JSON nested too deeply to read"
+            if reason is None:
+                continue
+            error = InvalidRecordError(reason, row=len(rows), source=str(path))
+            if on_invalid == "error":
+                raise error from None
+            invalid.append({"row": len(rows), "field": None, "reason": error.reason, "source": str(path)})
+            rows.append(None)  # keep positions aligned with the file's records
     return rows
 
 
@@ -221,6 +240,23 @@ def _read_source(
     )
 
 
+def _check_unique_id(record: dict, seen: dict[str, tuple[int, str]], *, row: int, source: str) -> None:
+    """Rows' `id`s are unique across the pool: outputs and cards name rows by them, so a second row with an id
+    is invalid (an error, or with `on_invalid="skip"` a rejected row with its reason; the first one is kept)."""
+    identity = record.get("id")
+    if identity is None:
+        return
+    key = json.dumps(identity, sort_keys=True, default=str)  # hashable whatever the id's type
+    first_row, first_source = seen.setdefault(key, (row, source))
+    if (first_row, first_source) != (row, source):
+        where = f"row {first_row}" + (f" of {first_source}" if first_source != source else "")
+        raise InvalidRecordError(
+            f"duplicate id {identity!r}, also the id of {where}; ids name rows in the outputs and the card "
+            "(give each row its own id, or skip invalid rows: --skip-invalid, a recipe's pool.on_invalid: skip)",
+            field="id",
+        )
+
+
 def read_pool(
     sources: str | Path | Sequence[str | Path],
     spec: FormatSpec | None = None,
@@ -246,6 +282,7 @@ def read_pool(
     fingerprint = hashlib.sha256()
     resolved: FormatSpec | None = None
     offset = 0
+    seen_ids: dict[str, tuple[int, str]] = {}  # each valid row's `id` -> (row, source) of its first holder
     for source in sources:
         name = str(source)
         source_invalid: list[dict] = []
@@ -281,13 +318,15 @@ def read_pool(
             if i in bad_rows:
                 continue
             try:
-                conversations.append(to_conversation(record, source_spec))
+                conversation = to_conversation(record, source_spec)
+                _check_unique_id(record, seen_ids, row=i, source=name)
             except InvalidRecordError as exc:
                 located = exc.located(row=i, source=name)
                 if on_invalid == "error":
                     raise located from None
                 source_invalid.append({"row": i, "field": exc.field, "reason": exc.reason, "source": name})
                 continue
+            conversations.append(conversation)
             keep.append(i)
             rows.append(offset + i)
         if table is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import mmap
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -167,7 +168,10 @@ def evol_scores(
     complexity: list, quality: list, *, source: str = "pool", rows: np.ndarray | None = None
 ) -> np.ndarray:
     """Deita's evol score per row: sum over turns of complexity_t * quality_t (not length-normalised)."""
-    out = np.empty(len(complexity), dtype=np.float64)
+    fast = _per_turn_arrays(complexity, quality)
+    if fast is not None:
+        return _sums_of_products(*fast)
+    c_rows, q_rows = [], []
     for i, (c, q) in enumerate(zip(complexity, quality, strict=True)):
         row = int(rows[i]) if rows is not None else i
         c_t = _per_turn(c, "complexity_scores", row)
@@ -177,8 +181,42 @@ def evol_scores(
                 f"{source}: row {row}: {c_t.size} complexity score(s) but {q_t.size} quality score(s); "
                 "Deita scores each (user, assistant) pair once with each scorer"
             )
-        out[i] = float(np.dot(c_t, q_t))
-    return out
+        c_rows.append(c_t)
+        q_rows.append(q_t)
+    if not c_rows:
+        return np.empty(0, dtype=np.float64)
+    lengths = np.fromiter(map(len, c_rows), dtype=np.int64, count=len(c_rows))
+    return _sums_of_products(np.concatenate(c_rows), np.concatenate(q_rows), lengths)
+
+
+def _sums_of_products(c: np.ndarray, q: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per row, the sum of c_t * q_t over its `lengths[i]` consecutive turns, added left to right (both paths of
+    `evol_scores` add the same way, so a row's score never depends on which path read it)."""
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    return np.add.reduceat(c * q, starts)
+
+
+def _per_turn_arrays(complexity: list, quality: list) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The usual case read in a few array operations (a million rows in about a second instead of ~20 s row by
+    row): every row two equally long non-empty lists of finite numbers -> (c, q flattened, lengths). None for
+    anything else: the row-by-row path then finds the first bad row and names it."""
+    if len(complexity) != len(quality) or not all(
+        type(c) is list and type(q) is list for c, q in zip(complexity, quality, strict=True)
+    ):
+        return None
+    c_len = np.fromiter(map(len, complexity), dtype=np.int64, count=len(complexity))
+    q_len = np.fromiter(map(len, quality), dtype=np.int64, count=len(quality))
+    if len(c_len) == 0 or (c_len != q_len).any() or (c_len == 0).any():
+        return None
+    total = int(c_len.sum())
+    try:
+        c = np.fromiter(chain.from_iterable(complexity), dtype=np.float64, count=total)
+        q = np.fromiter(chain.from_iterable(quality), dtype=np.float64, count=total)
+    except (TypeError, ValueError):
+        return None
+    if not (np.isfinite(c).all() and np.isfinite(q).all()):
+        return None
+    return c, q, c_len
 
 
 def score_order(scores: np.ndarray) -> np.ndarray:
@@ -197,6 +235,11 @@ def _unit_rows(block: np.ndarray, positions: np.ndarray) -> np.ndarray:
         row = int(positions[np.flatnonzero(bad)[0]])
         raise DeitaHubError(f"embedding row {row} is zero or not finite; it has no direction to compare")
     return block / norms[:, None].astype(np.float32)
+
+
+# madvise walks the whole mapping (an 8 GiB pool: ~2M pages), so it runs once per this many bytes read, not per
+# block; the resident memory it leaves behind stays under this.
+RELEASE_EVERY_BYTES = 256 << 20
 
 
 def _release_pages(array: np.ndarray) -> None:
@@ -310,6 +353,7 @@ def deita_select(
     scanned_at = np.zeros(budget, dtype=np.int64)
     k = rechecked = sketch_rejected = 0
     products: list[tuple[int, int, int]] = []
+    unreleased_bytes = 0  # rows read from the (memory-mapped) matrix since its pages were last released
     sketch = _Sketch(dim, budget) if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH else None
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -327,7 +371,10 @@ def deita_select(
         raw = np.empty((len(block_pos), dim), dtype=embeddings.dtype)
         raw[file_order] = embeddings[block_pos[file_order]]
         block = _unit_rows(raw, block_pos)
-        _release_pages(embeddings)
+        unreleased_bytes += raw.nbytes
+        if unreleased_bytes >= RELEASE_EVERY_BYTES:
+            _release_pages(embeddings)
+            unreleased_bytes = 0
         best = np.full(len(block), -1)
         best_sim = np.full(len(block), -np.inf)
         sims, sims_row = None, None

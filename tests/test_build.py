@@ -330,3 +330,81 @@ def test_build_push_with_a_bad_token_fails_before_building(tmp_path, hub_env):
     assert result.returncode == 1 and "error:" in result.stderr and "HF_TOKEN" in result.stderr
     assert "hf_wrong_token_for_this_test" not in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_card_of_a_baseline_only_build_says_what_was_done(tmp_path):
+    make_pool(tmp_path)
+    recipe = write_recipe(
+        tmp_path,
+        configs=[
+            {"name": "random-50", "method": "random", "budget": 50, "seed": 3},
+            {"name": "longest-50", "method": "longest", "budget": 50},
+        ],
+    )
+    build(recipe, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False, repo_id="org/baselines")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "selected with **Deita**" not in card and "baseline methods only (random, longest)" in card
+    assert "Selected evol scores" not in card  # built without scores: no empty table
+    assert "![Response length distributions" in card and "Score distributions" not in card
+    assert "- `random`: a seeded random sample;" in card and "`deita`: the combined" not in card
+    assert 'load_dataset("org/baselines", "random-50", split="train")' in card
+
+
+def test_card_of_a_deita_build_names_its_baselines_and_shows_scores(tmp_path):
+    make_pool(tmp_path)
+    build(write_recipe(tmp_path), tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (
+        "selected with **Deita**" in card
+        and "Baseline subsets (random, score, longest) ship beside it" in card
+    )
+    assert "### Selected evol scores" in card and "| `big` |" in card
+    assert 'load_dataset("<this repo or folder>", "big", split="train")' in card  # not pushed: no repo id
+
+
+def test_embeddings_survive_added_score_columns_and_a_typed_format(tmp_path):
+    """The bug of issue 17: an .npy of `embed POOL` must be accepted for the same conversations, whatever columns
+    the pool gained or however its format is spelled; other conversations are refused."""
+    from deita_hub.embedding import embed_pool, load_embeddings
+    from deita_hub.pool import read_pool
+
+    rows = [{"instruction": f"task {i}", "input": "", "response": "done " * i} for i in range(1, 9)]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = read_pool(tmp_path / "pool.jsonl")
+
+    class Lengths:  # a deterministic embedder: what is checked here is the sidecar, not the vectors
+        def encode(self, conversations):
+            return np.array([[len(c[-1]["content"]), 1.0] for c in conversations], dtype=np.float32)
+
+        def metadata(self):
+            return {"method": "test", "model": "lengths"}
+
+    from deita_hub.embedding import EmbedConfig
+
+    path, _ = embed_pool(
+        pool.conversations,
+        tmp_path / "emb.npy",
+        EmbedConfig(),
+        pool_provenance=pool.provenance(),
+        embedder=Lengths(),
+    )
+    scored = [{**r, "complexity_scores": [2.0], "quality_scores": [3.0]} for r in rows]
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+    from deita_hub.conversations import FormatSpec
+
+    typed = read_pool(tmp_path / "scored.jsonl", FormatSpec(format="alpaca", output_field="response"))
+    load_embeddings(path, num_rows=len(typed), conversations_fingerprint=typed.conversations_fingerprint)
+    recipe = write_recipe(
+        tmp_path,
+        pool={"sources": ["scored.jsonl"], "format": {"format": "alpaca", "output_field": "response"}},
+        configs=[{"name": "d", "method": "deita", "budget": 4}],
+    )
+    result = build(recipe, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+    assert result.record["subsets"][0]["rows"] >= 1
+    other = [{**r, "response": r["response"] + "!"} for r in rows]
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
+    changed = read_pool(tmp_path / "other.jsonl")
+    with pytest.raises(DeitaHubError, match="other conversations"):
+        load_embeddings(
+            path, num_rows=len(changed), conversations_fingerprint=changed.conversations_fingerprint
+        )

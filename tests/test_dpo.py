@@ -64,7 +64,7 @@ def dpo_config(tmp_path: Path, model: str, dataset: Path, **changes) -> TrainCon
         per_device_train_batch_size=4,
         total_train_batch_size=4,
         max_steps=3,
-        learning_rate=1e-3,
+        learning_rate=1e-4,
         lr_scheduler_type="constant",
         warmup_ratio=0.0,
         lora_r=8,
@@ -344,7 +344,7 @@ def test_adapter_dpo_uses_the_disabled_adapter_as_reference_and_merges(sft_model
     assert (result.final_dir / "adapter_model.safetensors").is_file()
     if method == "lora":
         merged = merge_adapter(str(result.final_dir), tmp_path / "merged")
-        merged_dir = Path(getattr(merged, "out", merged))
+        merged_dir = merged.out_dir
         merged_record = json.loads((merged_dir / "deita_run.json").read_text())
         assert (merged_record["kind"], merged_record["stage"]) == ("merged", "dpo")
         assert "direct preference optimization" in (merged_dir / "README.md").read_text()

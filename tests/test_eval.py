@@ -60,6 +60,7 @@ def config(tmp_path, model, **overrides) -> EvalConfig:
         judge_runs=2,
         judge_retries=2,
         judge_parallel=2,
+        judge_max_tokens=16,  # the digit judge never stops on its own
         max_new_tokens=6,
         batch_size=4,
         judge_api_key_env="DEITA_TEST_JUDGE_TOKEN",

@@ -20,7 +20,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    "name", ["mistral-7b-qlora.yaml", "mistral-7b-lora.yaml", "mistral-7b-full.yaml", "tiny-cpu.yaml"]
+    "name",
+    [
+        "mistral-7b-qlora.yaml",
+        "mistral-7b-lora.yaml",
+        "mistral-7b-full.yaml",
+        "tiny-cpu.yaml",
+        "mistral-7b-dpo.yaml",
+        "tiny-dpo-cpu.yaml",
+    ],
 )
 def test_shipped_configs_mirror_the_dataclass_key_for_key(name):
     data = yaml.safe_load((CONFIGS / name).read_text())

@@ -115,10 +115,21 @@ def plain_text(turns: list[dict[str, str]]) -> str:
     return "\n".join(f"{names[t['role']]}: {t['content']}" for t in turns)
 
 
+def quiet_bitsandbytes() -> None:
+    """sentence-transformers imports transformers' trainer, which imports peft, which imports bitsandbytes when it
+    is installed ([qlora]); on a CPU bitsandbytes then warns that its optional `kernels` package is missing, which
+    concerns 4-bit training, never embedding. Its logger is raised to ERROR unless logging is at DEBUG (-v) or
+    someone already set its level."""
+    bnb = logging.getLogger("bitsandbytes")
+    if bnb.level == logging.NOTSET and logging.getLogger().level > logging.DEBUG:
+        bnb.setLevel(logging.ERROR)
+
+
 class SentenceEmbedder:
     """sentence-transformers backend; L2-normalised float32 output."""
 
     def __init__(self, config: EmbedConfig):
+        quiet_bitsandbytes()
         from sentence_transformers import SentenceTransformer
 
         self.config = config
@@ -394,17 +405,43 @@ def load_embeddings(
         raise DeitaHubError(f"{path}: not a readable .npy matrix: {exc}") from exc
     if matrix.ndim != 2:
         raise DeitaHubError(f"{path}: expected a 2-D matrix [rows, dim], got shape {matrix.shape}")
-    if matrix.dtype not in (np.float16, np.float32):
-        raise DeitaHubError(f"{path}: expected float32 or float16 embeddings, got {matrix.dtype}")
+    if matrix.dtype not in (np.float16, np.float32, np.float64):
+        raise DeitaHubError(
+            f"{path}: expected float32 or float16 embeddings (float64 is cast to float32), got {matrix.dtype}; "
+            "convert with np.save(path, matrix.astype(np.float32))"
+        )
     if matrix.shape[0] != num_rows:
         raise DeitaHubError(
             f"{path}: {matrix.shape[0]} embedding rows but the pool has {num_rows} valid rows; rows must align "
             "(embed the same pool with the same format and invalid-row options)"
         )
     meta: dict[str, Any] = {"file": path.name, "dim": int(matrix.shape[1]), "dtype": str(matrix.dtype)}
+    if matrix.dtype == np.float64:
+        # float64 is what np.save gives for most computations; selection computes in float32, so cast a block
+        # of rows at a time: memory holds the float32 copy and one block, never a float64 copy of the file.
+        cast = np.empty(matrix.shape, dtype=np.float32)
+        for start in range(0, matrix.shape[0], 1 << 16):
+            cast[start : start + (1 << 16)] = matrix[start : start + (1 << 16)]
+        matrix = cast
     side = sidecar_path(path)
-    if side.exists():
-        meta = {**json.loads(side.read_text()), **meta}
+    if not side.exists():
+        log.warning(
+            "%s has no sidecar %s: only its row count (%d) was checked against the pool; its rows must be the "
+            "pool's valid rows in order",
+            path,
+            side.name,
+            num_rows,
+        )
+    else:
+        try:
+            recorded_meta = json.loads(side.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise DeitaHubError(
+                f"{side}: not a readable JSON sidecar ({exc}); delete it or re-embed"
+            ) from None
+        if not isinstance(recorded_meta, dict):
+            raise DeitaHubError(f"{side}: expected a JSON object, got {type(recorded_meta).__name__}")
+        meta = {**recorded_meta, **meta}
         recorded = meta.get("conversations_fingerprint")
         if conversations_fingerprint and recorded and recorded != conversations_fingerprint:
             raise DeitaHubError(

@@ -32,12 +32,9 @@ def load_reference(source: str, *, limit: int | None = None) -> list[dict]:
     """Rows with `instruction`, `output` (the reference), `generator`, `dataset`: a local JSON/JSONL or a Hub id."""
     path = Path(source)
     if not path.exists():
-        from huggingface_hub import hf_hub_download
+        from deita_hub.hub import download
 
-        try:
-            path = Path(hf_hub_download(source, REFERENCE_FILE, repo_type="dataset"))
-        except Exception as exc:
-            raise DeitaHubError(f"cannot download {REFERENCE_FILE} of '{source}': {exc}") from exc
+        path = download(source, repo_type="dataset", filename=REFERENCE_FILE)
     text = path.read_text(encoding="utf-8")
     try:
         rows = (

@@ -60,7 +60,7 @@ def load_generator(
 ) -> Generator:
     """Load MODEL (folder, adapter folder or Hub id) with the chosen engine; the tokenizer keeps its template."""
     from deita_hub.chat_template import VICUNA_CHAT_TEMPLATE
-    from deita_hub.models import load_causal_lm, load_tokenizer, resolve_device_dtype
+    from deita_hub.models import is_adapter, load_causal_lm, load_tokenizer, resolve_device_dtype
 
     tokenizer = load_tokenizer(model_path, revision=revision)
     if not tokenizer.chat_template:
@@ -69,7 +69,7 @@ def load_generator(
     if backend == "vllm":
         from deita_hub.vllm_engine import load_llm
 
-        if _is_adapter(model_path, revision):
+        if is_adapter(model_path, revision):
             raise DeitaHubError(
                 f"{model_path}: vLLM answers need a merged model; run `deita-hub merge` first"
             )
@@ -84,20 +84,10 @@ def load_generator(
         return Generator("vllm", llm, tokenizer, batch_size, max_new_tokens, seed)
     device, torch_dtype = resolve_device_dtype(device, dtype)
     model = load_causal_lm(
-        model_path, dtype=torch_dtype, revision=revision, adapter=_is_adapter(model_path, revision)
+        model_path, dtype=torch_dtype, revision=revision, adapter=is_adapter(model_path, revision)
     )
     model.to(device).eval()
     return Generator("transformers", model, tokenizer, batch_size, max_new_tokens, seed)
-
-
-def _is_adapter(path: str, revision: str | None) -> bool:
-    from pathlib import Path
-
-    if Path(path).is_dir():
-        return (Path(path) / "adapter_config.json").is_file()
-    from transformers.utils import find_adapter_config_file
-
-    return find_adapter_config_file(path, revision=revision) is not None
 
 
 def _generate_kwargs(generator: Generator, temperature: float) -> dict:

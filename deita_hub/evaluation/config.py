@@ -73,6 +73,9 @@ class EvalConfig:
     )
     judge_retries: int = field(default=5, metadata={"help": "tries per judge request before the eval fails"})
     judge_timeout: float = field(default=120.0, metadata={"help": "seconds per judge request"})
+    judge_max_tokens: int = field(
+        default=2048, metadata={"help": "max tokens of a judgment (FastChat's judge setting: 2048)"}
+    )
     judge_parallel: int = field(default=8, metadata={"help": "judge requests in flight at once"})
     # --- data ---
     mt_bench_questions: str = field(

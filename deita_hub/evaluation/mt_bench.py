@@ -231,6 +231,7 @@ def judge_answers(
     runs: int,
     model_id: str,
     parallel: int = 8,
+    max_tokens: int = JUDGE_MAX_TOKENS,
 ) -> list[dict]:
     """Every (question, turn, run) judgment, resumed from `path`: judgments already there are not redone."""
     prompts = judge_prompts()
@@ -249,7 +250,7 @@ def judge_answers(
     def judge(item):
         question, turn, run = item
         name, messages = judge_request(question, answers[question.question_id], turn, prompts)
-        judgment = client.complete(messages, temperature=0.0, max_tokens=JUDGE_MAX_TOKENS)
+        judgment = client.complete(messages, temperature=0.0, max_tokens=max_tokens)
         score = parse_rating(judgment)
         return {
             "question_id": question.question_id,

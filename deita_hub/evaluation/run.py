@@ -175,6 +175,7 @@ def _mt_bench(config, out, model_id, get_generator, judge_url) -> dict:
         runs=config.judge_runs,
         model_id=model_id,
         parallel=config.judge_parallel,
+        max_tokens=config.judge_max_tokens,
     )
     summary = mt_bench.summarise(questions, judgments, config.judge_runs)
     return {

@@ -12,12 +12,10 @@ import logging
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 from deita_hub.errors import DeitaHubError
-from deita_hub.models import load_causal_lm, load_tokenizer, resolve_device_dtype
-from deita_hub.records import ADAPTER_CONFIG
+from deita_hub.models import is_adapter, load_causal_lm, load_tokenizer, resolve_device_dtype
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ def load_chat_model(path: str, *, dtype: str = "auto", revision: str | None = No
 
     device, torch_dtype = resolve_device_dtype(None, dtype)
     try:
-        adapter = _is_adapter(path, revision)
+        adapter = is_adapter(path, revision)
     except OSError as exc:
         raise DeitaHubError(f"cannot load a model from '{path}': {exc}") from exc
     model = load_causal_lm(path, dtype=torch_dtype, revision=revision, adapter=adapter, what="a model from")
@@ -49,15 +47,6 @@ def load_chat_model(path: str, *, dtype: str = "auto", revision: str | None = No
         tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
     model.to(device).eval()
     return model, tokenizer
-
-
-def _is_adapter(path: str, revision: str | None) -> bool:
-    """Whether `path` (folder or Hub id) holds a PEFT adapter (adapter_config.json) rather than a whole model."""
-    if Path(path).is_dir():
-        return (Path(path) / ADAPTER_CONFIG).is_file()
-    from transformers.utils import find_adapter_config_file
-
-    return find_adapter_config_file(path, revision=revision) is not None
 
 
 def generate_reply(model, tokenizer, messages: list[dict[str, str]], settings: GenerationSettings) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from deita_hub.errors import DeitaHubError
-from deita_hub.io import replace_folder, write_text
+from deita_hub.io import claim_folder, replace_folder, write_text
 from deita_hub.models import load_tokenizer
 from deita_hub.records import MODEL_CONFIG, RUN_RECORD, TRAIN_CONFIG, TRAINER_STATE
 from deita_hub.training import record as run_record
@@ -699,6 +699,8 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
         check_token()  # a missing or rejected token fails now, not after the first checkpoint
     # Under a multi-process launch the main process cleans OUTPUT_DIR (interrupted saves) before the others look.
     with _process_state().main_process_first():
+        if _process_state().is_main_process:  # a second training into OUTPUT_DIR refuses while this runs
+            claim_folder(config.output_dir, "a training")
         checkpoint = _prepare_output_dir(config, resume)
 
     out = Path(config.output_dir)

@@ -1,0 +1,178 @@
+"""Property-based tests: whatever bytes or JSON a user feeds the pool reader or the config loaders, the answer is
+a value or a `DeitaHubError` (one line at the CLI), never another exception, and nothing is written.
+
+Example counts stay small (2 CI cores): each property runs in a few seconds. The README's Reliability table
+counts `EXAMPLES` per property and parametrization (`tests/test_reliability.py` checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deita_hub.config import load, read_mapping
+from deita_hub.errors import DeitaHubError
+from deita_hub.pool import read_pool
+from deita_hub.recipes import load_recipe
+from deita_hub.selection import SelectionConfig
+from deita_hub.training.config import load_config
+
+# Per property, the examples hypothesis draws: the README's Reliability table counts them.
+EXAMPLES = 60
+# Function-scoped tmp_path is reused across a property's examples: each example writes into a fresh folder of
+# its own below it, so "nothing written" is checked per example.
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+# Rows that look like what pools hold, so the reader gets past "not an object" and into the fields.
+conversation_keys = st.sampled_from(
+    ["conversations", "messages", "instruction", "input", "output", "id", "from", "value", "role", "content"]
+)
+row_like = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(conversation_keys, children, max_size=4)
+    ),
+    max_leaves=16,
+)
+
+
+class Folder:
+    """A fresh folder per example, and what it held before the call, to check that nothing was written."""
+
+    def __init__(self, root: Path):
+        self.path = root / f"ex-{os.urandom(6).hex()}"
+        self.path.mkdir()
+
+    def files(self) -> set[str]:
+        return {str(p.relative_to(self.path)) for p in self.path.rglob("*")}
+
+
+def _call_is_clean(folder: Folder, call) -> None:
+    before = folder.files()
+    try:
+        call()
+    except DeitaHubError as exc:
+        assert "\n" not in str(exc).strip(), f"a multi-line error: {exc}"
+    assert folder.files() == before, "the reader wrote something"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@SETTINGS
+@given(data=st.binary(max_size=300))
+def test_pool_reader_on_arbitrary_bytes(tmp_path, suffix, data):
+    folder = Folder(tmp_path)
+    path = folder.path / f"pool{suffix}"
+    path.write_bytes(data)
+    _call_is_clean(folder, lambda: read_pool(path))
+    _call_is_clean(folder, lambda: read_pool(path, on_invalid="skip"))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+@SETTINGS
+@given(rows=st.lists(row_like, max_size=5) | json_values)
+def test_pool_reader_on_arbitrary_json(tmp_path, suffix, rows):
+    folder = Folder(tmp_path)
+    path = folder.path / f"pool{suffix}"
+    if suffix == ".jsonl" and isinstance(rows, list):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    _call_is_clean(folder, lambda: read_pool(path))
+    _call_is_clean(folder, lambda: read_pool(path, on_invalid="skip"))
+
+
+@SETTINGS
+@given(text=st.text(max_size=200) | st.binary(max_size=200))
+def test_read_mapping_on_arbitrary_text(tmp_path, text):
+    folder = Folder(tmp_path)
+    path = folder.path / "config.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    _call_is_clean(folder, lambda: read_mapping(path, "config"))
+
+
+recipe_sections = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": json_values,
+        "pool": st.dictionaries(
+            st.sampled_from(["sources", "format", "on_invalid", "generate", "rows"]), json_values
+        ),
+        "embedding": st.dictionaries(
+            st.sampled_from(["path", "method", "batch_size", "max_length"]), json_values
+        ),
+        "selection": st.dictionaries(st.sampled_from(["max_similarity", "method", "budget"]), json_values),
+        "configs": st.lists(
+            st.dictionaries(st.sampled_from(["name", "method", "budget", "default", "seed"]), json_values),
+            max_size=3,
+        ),
+        "scores": json_values,
+        "card": json_values,
+    },
+)
+
+
+@SETTINGS
+@given(data=recipe_sections | json_values)
+def test_recipe_loader_on_arbitrary_yaml(tmp_path, data):
+    folder = Folder(tmp_path)
+    path = folder.path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    _call_is_clean(folder, lambda: load_recipe(path))
+
+
+train_keys = st.sampled_from(
+    [
+        "model",
+        "method",
+        "dataset",
+        "output_dir",
+        "learning_rate",
+        "max_steps",
+        "lora",
+        "push",
+        "max_seq_length",
+    ]
+)
+
+
+@SETTINGS
+@given(data=st.dictionaries(train_keys | st.text(max_size=8), json_values, max_size=5) | json_values)
+def test_training_config_loader_on_arbitrary_yaml(tmp_path, data):
+    folder = Folder(tmp_path)
+    path = folder.path / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    _call_is_clean(folder, lambda: load_config(path))
+
+
+@SETTINGS
+@given(
+    data=st.dictionaries(
+        st.sampled_from([f.name for f in SelectionConfig.__dataclass_fields__.values()])
+        | st.text(max_size=6),
+        json_values,
+        max_size=5,
+    )
+    | json_values
+)
+def test_config_load_on_arbitrary_mappings(tmp_path, data):
+    folder = Folder(tmp_path)
+    _call_is_clean(folder, lambda: load(SelectionConfig, data, source="recipe.yaml", section="selection"))
