@@ -412,8 +412,11 @@ def row_eval(work: Path, size: dict, tiny: bool) -> dict:
     start = time.perf_counter()
     ours_generator.answer(questions, 0.0)
     ours = len(questions) / (time.perf_counter() - start)
-    if hasattr(ours_generator, "close"):
-        ours_generator.close()
+    if ours_generator.engine == "vllm":  # free the engine's memory before the baseline loads its model
+        from deita_hub.vllm_engine import release
+
+        release(ours_generator.model)
+    del ours_generator
     baseline_generator = load_generator(
         str(folder),
         backend="transformers",

@@ -192,9 +192,17 @@ def load_ablation(path: str | Path) -> Ablation:
     for key in ("model", "out", "push", "revision"):
         if key in eval_settings:
             raise DeitaHubError(f"{source}: eval: '{key}' is set per arm and seed by the ablation")
-    if isinstance(eval_settings.get("dataset"), str):
-        eval_settings["dataset"] = _resolve(path.parent, eval_settings["dataset"])
-    load(EvalConfig, {**eval_settings, "model": "m", "out": "o"}, source=source, section="eval")  # checks it all
+    for key in (
+        "dataset",
+        "mt_bench_questions",
+        "alpaca_eval_data",
+        "judge_serve",
+    ):  # files beside the ablation
+        if isinstance(eval_settings.get(key), str):
+            eval_settings[key] = _resolve(path.parent, eval_settings[key])
+    load(
+        EvalConfig, {**eval_settings, "model": "m", "out": "o"}, source=source, section="eval"
+    )  # checks it all
     bootstrap = coerce(data.get("bootstrap", 10000), int, f"{source}: 'bootstrap'")
     hours = data.get("expected_device_hours")
     return Ablation(
@@ -627,7 +635,7 @@ def report(ablation: Ablation, out: Path, steps: list[Step]) -> dict[str, Any]:
             / 3600
         )
         costs[arm.name] = {
-            "selection_wall_clock_s": build.get("seconds"),
+            "build_wall_clock_s": build.get("seconds"),  # scoring, embedding and selection; shared per recipe
             "training_device_hours": round(train_hours, 4),
             "eval_wall_clock_s": round(sum(r.get("seconds") or 0 for r in evals_), 3),
         }
@@ -644,7 +652,7 @@ def report(ablation: Ablation, out: Path, steps: list[Step]) -> dict[str, Any]:
             "ablation_file": ablation.path.name,
             "training_config": Path(ablation.train_config).name,
             "train_overrides": dict(ablation.train_set),
-            "eval_settings": dict(ablation.eval_settings),
+            "eval_settings": {key: _shown(value) for key, value in ablation.eval_settings.items()},
             "steps": [{"kind": s.kind, "arm": s.arm, "seed": s.seed, "key": s.key} for s in steps],
             "per_arm_results": {
                 name: [r["results_file"] for r in arm["runs"]] for name, arm in per_arm.items()
@@ -656,6 +664,13 @@ def report(ablation: Ablation, out: Path, steps: list[Step]) -> dict[str, Any]:
     plotted = _plot(results, out / PLOT)
     write_text(out / "README.md", report_markdown(results, plot=plotted))
     return results
+
+
+def _shown(value: Any) -> Any:
+    """A setting as the report shows it: a local file by its name, never an absolute path."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value
 
 
 def _plot(results: dict, path: Path) -> bool:
@@ -720,12 +735,15 @@ def report_markdown(results: dict, *, plot: bool) -> str:
     lines += [
         "## Cost",
         "",
-        "| arm | selection (s) | training (device-hours) | eval (s) |",
+        "Build: the wall-clock of scoring, embedding and selecting (arms built from one recipe share one build); "
+        "training: device-hours summed over seeds; eval: wall-clock summed over seeds.",
+        "",
+        "| arm | build (s) | training (device-hours) | eval (s) |",
         "|---|---|---|---|",
     ]
     for arm, cost in results["costs"].items():
         lines.append(
-            f"| {arm} | {_fmt(cost['selection_wall_clock_s'])} | {cost['training_device_hours']:.4f} | "
+            f"| {arm} | {_fmt(cost['build_wall_clock_s'])} | {cost['training_device_hours']:.4f} | "
             f"{_fmt(cost['eval_wall_clock_s'])} |"
         )
     prov = results["provenance"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +52,9 @@ def _set_verbosity(verbose: int, quiet: bool) -> None:
     """By default a command prints its own progress and results only: other libraries' INFO lines, weight-loading
     bars and warnings that do not concern the command are silenced. -v shows them; -q hides progress too."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", force=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(handlers=[handler], force=True)
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.setLevel(level)
     logging.getLogger("huggingface_hub").propagate = bool(verbose)
@@ -70,6 +71,16 @@ def _set_verbosity(verbose: int, quiet: bool) -> None:
         warnings.filterwarnings("ignore", module="bitsandbytes")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+class _Formatter(logging.Formatter):
+    """deita-hub's own lines as plain text (warnings prefixed `warning:`); other libraries' with their names."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.name.split(".")[0] == "deita_hub" and record.levelno >= logging.INFO:
+            return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+        return f"{record.levelname} {record.name}: {message}"
 
 
 def _verbosity_callback(ctx, param, value):
@@ -196,20 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Abort as exc:
         # click turns KeyboardInterrupt (and so Terminated) into Abort, keeping it as the cause
-        if isinstance(exc.__cause__, Terminated):
-            click.echo("terminated", err=True)
-            return 143
-        click.echo("interrupted", err=True)
-        return 130
+        return _interrupted(exc.__cause__)
     except DeitaHubError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1
-    except Terminated:
-        click.echo("terminated", err=True)
-        return 143
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     except (OSError, RuntimeError) as exc:
         if not is_disk_full(exc):
             raise
@@ -221,9 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _exit(code: int) -> None:
-    if code:
-        sys.exit(code)
+def _interrupted(exc: BaseException | None) -> int:
+    """One line and the exit code of the signal; a stage that kept its progress has said so, with the command
+    that resumes it, and that line is the one."""
+    terminated = isinstance(exc, Terminated)
+    if not getattr(exc, "progress_reported", False):
+        click.echo("terminated" if terminated else "interrupted", err=True)
+    return 143 if terminated else 130
 
 
 # --- options shared by several commands -------------------------------------------------------------------------
@@ -368,8 +375,10 @@ def demo_pool(out, rows, seed):
 def score(pool, out, **values):
     """Score POOL with a Deita scorer, per (user, assistant) pair; resumes an interrupted run of the same OUT."""
     from deita_hub.scoring import failures_path, score_pool
+    from deita_hub.scoring.run import check_output
 
     config = from_cli(ScoreConfig, take(values, ScoreConfig))
+    check_output(out)  # a bad --out is said before a large pool is read
     data = _read_pool(pool, values)
     meta = score_pool(data, config, out)
     _write_invalid(data, out)
@@ -395,9 +404,10 @@ def score(pool, out, **values):
 @pool_options
 def embed(pool, out, **values):
     """Embed every conversation of POOL into a memory-mappable .npy matrix (resumable)."""
-    from deita_hub.embedding import embed_pool
+    from deita_hub.embedding import check_output, embed_pool
 
     config = from_cli(EmbedConfig, take(values, EmbedConfig))
+    check_output(out)  # a bad --out is said before a large pool is read
     data = _read_pool(pool, values)
     path, meta = embed_pool(data.conversations, out, config, pool_provenance=data.provenance())
     _write_invalid(data, out)
@@ -546,6 +556,7 @@ def build(recipe, out, overwrite, cache_dir, sets, **values):
         overwrite=overwrite,
         cache_dir=cache_dir,
         overrides=sets,
+        repo_id=publish.push,  # the card's load snippet names the repo it is pushed to
     )
     for subset in result.record["subsets"]:
         click.echo(f"{subset['name']}: {subset['rows']} rows ({subset['selection']['method']})")

@@ -193,7 +193,9 @@ def unknown_keys(keys: Iterable[Any], known: Iterable[str], where: str, hint: st
     parts = []
     for key in unknown:
         close = difflib.get_close_matches(str(key), known, n=1)
-        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        # repr() for a key with a newline or other control character: the message stays one line
+        shown = f"'{key}'" if isinstance(key, str) and key.isprintable() else repr(key)
+        parts.append(shown + (f" (did you mean '{close[0]}'?)" if close else ""))
     raise DeitaHubError(f"{where}unknown key(s) {', '.join(parts)}{hint}")
 
 

@@ -111,9 +111,12 @@ def pool_scores(
                     ).encode()
                 ).hexdigest()[:16]
                 resume_dir = cache_dir / "scores" / f"{kind}-{key}.partial"
-            result = score_conversations(todo, config, progress=progress, resume_dir=resume_dir)
-            if resume_dir is not None:
-                shutil.rmtree(resume_dir, ignore_errors=True)
+            if resume_dir is None:
+                result = score_conversations(todo, config, progress=progress)
+            else:  # two builds of one pool at once: the second waits, then resumes from the first's checkpoint
+                with file_lock(resume_dir.with_suffix(".lock")):
+                    result = score_conversations(todo, config, progress=progress, resume_dir=resume_dir)
+                    shutil.rmtree(resume_dir, ignore_errors=True)
             if result.failures:
                 first = result.failures[0]
                 raise DeitaHubError(
@@ -159,6 +162,27 @@ def pool_embeddings(
         else:
             embed_pool(pool.conversations, path, config, pool_provenance=pool.provenance(), progress=progress)
     return load_embeddings(path, num_rows=len(pool), conversations_fingerprint=fingerprint)
+
+
+def check_hub_models(pool: Pool, recipe: Recipe, *, needs_scores: bool, needs_embeddings: bool) -> None:
+    """The Hub models this build will load, each checked with one quick request before any model is loaded: a
+    typo or an unreachable Hub is a one-line error in seconds, not a minute of retries after the pool is read.
+    Offline (HF_HUB_OFFLINE) the local cache is all there is, and loading the model says whether it is there."""
+    from deita_hub import hub
+
+    models = []
+    if needs_scores:
+        spec = recipe.scores
+        for name, config in ((spec.complexity_field, spec.complexity), (spec.quality_field, spec.quality)):
+            column = pool.table.column(name) if name in pool.table.column_names else None
+            if config is not None and (column is None or column.null_count):
+                models.append(config.model)
+    if needs_embeddings and not recipe.embedding.path and recipe.embedding.config.model:
+        models.append(recipe.embedding.config.model)
+    hub_models = [m for m in dict.fromkeys(models) if hub.is_repo_id(m) and not Path(m).exists()]
+    if hub_models and not hub.is_offline():
+        for model in hub_models:
+            hub.check_repo(model, repo_type="model")
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -209,6 +233,7 @@ def build(
     pool = load_recipe_pool(recipe, cache)
     needs_scores = any(s.selection.needs_scores for s in recipe.subsets)
     needs_embeddings = any(s.selection.needs_embeddings for s in recipe.subsets)
+    check_hub_models(pool, recipe, needs_scores=needs_scores, needs_embeddings=needs_embeddings)
     embeddings, embed_meta = None, None
     if needs_embeddings and recipe.embedding.path:  # a wrong file fails now, not after hours of scoring
         embeddings, embed_meta = pool_embeddings(pool, recipe, cache, progress=progress)

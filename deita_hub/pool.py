@@ -146,7 +146,7 @@ def _read_jsonl_rows(path: Path, on_invalid: str, invalid: list) -> list[Any]:
     return rows
 
 
-def _table_from_rows(rows: list[dict], source: str) -> pa.Table:
+def table_from_rows(rows: list[dict], source: str) -> pa.Table:
     """Rows -> Arrow. A column whose rows disagree in type is named, with the first disagreeing row."""
     # Every key of every row becomes a column (from_pylist would take the first row's keys only).
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -170,7 +170,7 @@ def _table_from_rows(rows: list[dict], source: str) -> pa.Table:
         raise DeitaHubError(f"{source}: cannot convert rows to a table: {exc}") from exc
 
 
-def _load_hf(path: str, *, config: str | None, split: str, revision: str | None, local: bool):
+def load_hf(path: str, *, config: str | None, split: str, revision: str | None, local: bool):
     import datasets
 
     from deita_hub import hub
@@ -202,7 +202,7 @@ def _load_hf(path: str, *, config: str | None, split: str, revision: str | None,
         ) from exc
 
 
-def _read_source(
+def read_source(
     path: str | Path, *, config: str | None, split: str, revision: str | None, on_invalid: str, invalid: list
 ) -> tuple[pa.Table | None, list | None, str]:
     """One source -> (table or python rows, fingerprint part). Exactly one of table/rows is set."""
@@ -224,10 +224,10 @@ def _read_source(
     if local.is_dir():
         digest = hashlib.sha256()
         _hash_path(local, digest)
-        dataset = _load_hf(str(local), config=config, split=split, revision=revision, local=True)
+        dataset = load_hf(str(local), config=config, split=split, revision=revision, local=True)
         return dataset.data.table, None, digest.hexdigest()
     if is_repo_id(str(path)):
-        dataset = _load_hf(str(path), config=config, split=split, revision=revision, local=False)
+        dataset = load_hf(str(path), config=config, split=split, revision=revision, local=False)
         return (
             dataset.data.table,
             None,
@@ -286,7 +286,7 @@ def read_pool(
     for source in sources:
         name = str(source)
         source_invalid: list[dict] = []
-        table, records, part = _read_source(
+        table, records, part = read_source(
             source,
             config=config,
             split=split,
@@ -330,7 +330,7 @@ def read_pool(
             keep.append(i)
             rows.append(offset + i)
         if table is None:
-            table = _table_from_rows([records[i] for i in keep], name)
+            table = table_from_rows([records[i] for i in keep], name)
         else:
             table = table.take(pa.array(keep, type=pa.int64())) if len(keep) != len(records) else table
         tables.append(table)

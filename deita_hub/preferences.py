@@ -41,7 +41,7 @@ from deita_hub.conversations import (
 )
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.hub import is_repo_id
-from deita_hub.pool import ON_INVALID, Pool, _load_hf, _read_source, _table_from_rows
+from deita_hub.pool import ON_INVALID, Pool, load_hf, read_source, table_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def source_columns(source: str | Path, *, config: str | None, split: str, revisi
             )
         return []
     if local.is_dir() or is_repo_id(str(source)):
-        dataset = _load_hf(str(source), config=config, split=split, revision=revision, local=local.is_dir())
+        dataset = load_hf(str(source), config=config, split=split, revision=revision, local=local.is_dir())
         return list(dataset.column_names)
     return []
 
@@ -257,7 +257,7 @@ def read_preferences(
     for source in sources:
         name = str(source)
         source_invalid: list[dict] = []
-        table, records, part = _read_source(
+        table, records, part = read_source(
             source,
             config=config,
             split=split,
@@ -294,7 +294,7 @@ def read_preferences(
             keep.append(i)
             rows.append(offset + i)
         if table is None:
-            table = _table_from_rows([records[i] for i in keep], name)
+            table = table_from_rows([records[i] for i in keep], name)
         elif len(keep) != len(records):
             table = table.take(pa.array(keep, type=pa.int64()))
         tables.append(table)

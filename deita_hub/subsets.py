@@ -54,7 +54,7 @@ def select_subsets(
     for subset in sorted(subsets, key=lambda s: -s.selection.budget):
         config = subset.selection
         key = (
-            (config.method, config.max_similarity, config.seed)
+            (config.method, config.max_similarity, config.seed, config.sampler)
             if config.method != "deita"
             else (
                 "deita",

@@ -81,3 +81,49 @@ def save_tiny_model(out_dir: str | Path, kind: str = "mistral", *, seed: int = 0
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+_AXIS_SCALE = 20.0  # against random embedding rows of std 0.02: the chain axis decides the next token
+
+
+def save_rating_judge_model(out_dir: str | Path, *, seed: int = 5) -> Path:
+    """A tiny LLaMA whose greedy reply to any Vicuna-templated prompt is "[[d]]" (d in 1..6): FastChat's
+    `[[rating]]` format, so a judged benchmark runs end to end offline (`deita-hub eval --judge-serve
+    tiny:rating-judge`; the tests' judge).
+
+    How: every layer's output projections are zeroed, so the residual stream at a position is the token's own
+    embedding; the embeddings of four tokens (":" that ends the Vicuna generation prompt, "▁[[", the digits, "]]")
+    carry one large component each on their own axis, and the LM head maps each axis to the next token of the
+    chain ":" -> "▁[[" -> digit -> "]]" -> "</s>". The digit rows keep their random weights, so which digit wins
+    is the model's own (fixed) choice."""
+    import torch
+
+    from deita_hub.scoring.prompts import digit_token_ids
+
+    out_dir = Path(out_dir)
+    tokenizer = llama2_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=seed)
+    colon, open_brackets, close_brackets = tokenizer.convert_tokens_to_ids([":", "▁[[", "]]"])
+    digits = digit_token_ids(tokenizer)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = model.model.embed_tokens.weight
+        head = model.lm_head.weight
+        # (token(s) whose embedding carries the axis, the token that must follow them)
+        chain = [
+            ([colon], open_brackets),
+            ([open_brackets], None),
+            (digits, close_brackets),
+            ([close_brackets], eos),
+        ]
+        for axis, (tokens, following) in enumerate(chain):
+            embed[tokens, axis] = _AXIS_SCALE
+            if following is not None:
+                head[following, axis] = _AXIS_SCALE
+        head[digits, 1] = _AXIS_SCALE  # after "▁[[": a digit, the random part of the rows picks which
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

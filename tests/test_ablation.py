@@ -14,7 +14,6 @@ import yaml
 
 from deita_hub.ablation import bootstrap_ci, load_ablation, plan
 from deita_hub.demo import generate_pool
-from deita_hub.errors import DeitaHubError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
+from deita_hub.conversations import FormatSpec
 from deita_hub.dataset import build
+from deita_hub.embedding import EmbedConfig, embed_pool, load_embeddings
 from deita_hub.errors import DeitaHubError
+from deita_hub.pool import read_pool
 from deita_hub.recipes import load_recipe
 from tests.test_selection import reference_select
 
@@ -365,9 +368,6 @@ def test_card_of_a_deita_build_names_its_baselines_and_shows_scores(tmp_path):
 def test_embeddings_survive_added_score_columns_and_a_typed_format(tmp_path):
     """The bug of issue 17: an .npy of `embed POOL` must be accepted for the same conversations, whatever columns
     the pool gained or however its format is spelled; other conversations are refused."""
-    from deita_hub.embedding import embed_pool, load_embeddings
-    from deita_hub.pool import read_pool
-
     rows = [{"instruction": f"task {i}", "input": "", "response": "done " * i} for i in range(1, 9)]
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pool = read_pool(tmp_path / "pool.jsonl")
@@ -377,9 +377,7 @@ def test_embeddings_survive_added_score_columns_and_a_typed_format(tmp_path):
             return np.array([[len(c[-1]["content"]), 1.0] for c in conversations], dtype=np.float32)
 
         def metadata(self):
-            return {"method": "test", "model": "lengths"}
-
-    from deita_hub.embedding import EmbedConfig
+            return {"method": "test", "model": "lengths", "max_length": 0, "truncation_side": "none"}
 
     path, _ = embed_pool(
         pool.conversations,
@@ -390,8 +388,6 @@ def test_embeddings_survive_added_score_columns_and_a_typed_format(tmp_path):
     )
     scored = [{**r, "complexity_scores": [2.0], "quality_scores": [3.0]} for r in rows]
     (tmp_path / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
-    from deita_hub.conversations import FormatSpec
-
     typed = read_pool(tmp_path / "scored.jsonl", FormatSpec(format="alpaca", output_field="response"))
     load_embeddings(path, num_rows=len(typed), conversations_fingerprint=typed.conversations_fingerprint)
     recipe = write_recipe(

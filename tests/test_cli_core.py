@@ -116,7 +116,8 @@ def test_embed_then_select_with_baselines(tmp_path, run):
 )
 def test_bad_input_exits_1_with_one_line_and_writes_nothing(tmp_path, args, message, run):
     good = {"id": 1, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
-    (tmp_path / "good.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    # Two valid rows; ids must differ (a duplicate id is itself a bad row).
+    (tmp_path / "good.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": 2}) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"conversations": []}) + "\n")
     np.save(tmp_path / "short.npy", np.ones((1, 4), dtype=np.float32))
     before = set(tmp_path.iterdir())

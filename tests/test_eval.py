@@ -335,3 +335,28 @@ def test_cli_eval_refuses_a_loss_suite_without_data(tmp_path, tiny_model_dir, ca
         code = exit_.code
     assert code == 1
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_cli_eval_serves_a_local_judge_for_mt_bench(tmp_path, tiny_model_dir, capsys):
+    """`--judge-serve tiny:rating-judge`: the eval starts transformers' server itself, judges, then stops it."""
+    from deita_hub.cli import main
+
+    out = tmp_path / "evals"
+    args = ["eval", str(tiny_model_dir), "--suite", "mt-bench", "--mt-bench-questions", str(QUESTIONS)]
+    args += [
+        "--judge-serve",
+        "tiny:rating-judge",
+        "--judge-runs",
+        "1",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "8",
+    ]
+    assert main([*args, "--judge-max-tokens", "16", "--out", str(out)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    mt = results["suites"]["mt-bench"]
+    assert mt["failures"] == 0 and 1 <= mt["score"]["median"] <= 6  # the tiny judge rates with a digit 1..6
+    assert mt["judge"]["model"] == "tiny-rating-judge" and mt["judge"]["url"].startswith("http://127.0.0.1:")
+    assert main([*args, "--judge-url", "http://x/v1", "--out", str(tmp_path / "e2")]) == 1
+    assert "--judge-serve and --judge-url both name a judge" in capsys.readouterr().err

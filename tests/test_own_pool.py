@@ -139,14 +139,14 @@ def _run_until_saved(args: list[str], progress: Path, cwd: Path) -> subprocess.C
 
 @needs_pools
 def test_interrupted_embed_resumes_without_recomputing(tmp_path, cli_run):
-    pool = real_pool(tmp_path / "pool.json", 400)
+    pool = real_pool(tmp_path / "pool.json", 24)
     args = [
         "embed",
         "pool.json",
         "--out",
         "emb.npy",
         "--batch-size",
-        "2",
+        "4",
         "--chunk-rows",
         "4",
         "--max-length",
@@ -155,9 +155,9 @@ def test_interrupted_embed_resumes_without_recomputing(tmp_path, cli_run):
     stopped = _run_until_saved(args, tmp_path / "emb.npy.partial.json", tmp_path)
     assert stopped.returncode == 130, stopped.stderr
     kept = json.loads((tmp_path / "emb.npy.partial.json").read_text())["done_rows"]
-    assert 0 < kept < 400, "the run finished before it could be interrupted"
+    assert 0 < kept < 24, "the run finished before it could be interrupted"
     line = next(line for line in stopped.stderr.splitlines() if "interrupted:" in line)
-    assert f"{kept} of 400 rows embedded" in line and line.endswith(
+    assert f"{kept} of 24 rows embedded" in line and line.endswith(
         "resume with: deita-hub " + shlex.join(args)
     )
     assert not (tmp_path / "emb.npy").exists()
@@ -170,26 +170,26 @@ def test_interrupted_embed_resumes_without_recomputing(tmp_path, cli_run):
 
 @needs_pools
 def test_interrupted_score_resumes_without_recomputing(tmp_path, scorer_dir, cli_run):
-    real_pool(tmp_path / "pool.json", 300)
+    real_pool(tmp_path / "pool.json", 40)
     args = ["score", "pool.json", "--scorer", "quality", "--model", str(scorer_dir), "--out", "s.jsonl"]
-    args += ["--batch-size", "1", "--chunk-rows", "16"]
+    args += ["--batch-size", "1", "--chunk-rows", "8"]
     stopped = _run_until_saved(args, tmp_path / "s.jsonl.partial" / "rows.jsonl", tmp_path)
     assert stopped.returncode == 130, stopped.stderr
     kept = len((tmp_path / "s.jsonl.partial" / "rows.jsonl").read_text().splitlines())
-    assert 0 < kept < 300, "the run finished before it could be interrupted"
+    assert 0 < kept < 40, "the run finished before it could be interrupted"
     line = next(line for line in stopped.stderr.splitlines() if "interrupted:" in line)
     assert "rows scored, kept in" in line and line.endswith("resume with: deita-hub " + shlex.join(args))
     resumed = cli_run(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     meta = json.loads((tmp_path / "s.jsonl.json").read_text())
-    assert meta["resumed_rows"] >= kept and meta["rows_attempted"] == 300 - meta["resumed_rows"]
+    assert meta["resumed_rows"] >= kept and meta["rows_attempted"] == 40 - meta["resumed_rows"]
     whole = cli_run(*[tmp_path / "whole.jsonl" if a == "s.jsonl" else a for a in args], cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     got = [json.loads(line)["quality_scores"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     want = [
         json.loads(line)["quality_scores"] for line in (tmp_path / "whole.jsonl").read_text().splitlines()
     ]
-    assert len(got) == len(want) == 300
+    assert len(got) == len(want) == 40
     for a, b in zip(got, want, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
 
@@ -200,16 +200,16 @@ def test_interrupted_score_resumes_without_recomputing(tmp_path, scorer_dir, cli
         (["embed", "good.jsonl", "--out", "emb"], "name the output *.npy"),
         (["embed", "good.jsonl", "--out", "afile/emb.npy"], "is a file, not a folder"),
         (
-            ["embed", "good.jsonl", "--out", "new/emb.npy", "--method", "last-token", "--model", "nope-dir"],
-            "nope-dir",
+            ["embed", "good.jsonl", "--out", "new/emb.npy", "--method", "last-token", "--model", "{missing}"],
+            "nope",
         ),
         (
             ["score", "bad.jsonl", "--scorer", "quality", "--model", "m", "--out", "s.jsonl"],
             "bad.jsonl, row 1",
         ),
         (
-            ["score", "good.jsonl", "--scorer", "quality", "--model", "nope-dir", "--out", "new/s.jsonl"],
-            "nope-dir",
+            ["score", "good.jsonl", "--scorer", "quality", "--model", "{missing}", "--out", "new/s.jsonl"],
+            "nope",
         ),
         (["select", "good.jsonl", "--embeddings", "new/missing.npy", "--out", "o.jsonl"], "does not exist"),
     ],
@@ -220,7 +220,8 @@ def test_bad_input_stops_before_writing_anything(tmp_path, args, message, cli_ru
     (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"conversations": []}) + "\n")
     (tmp_path / "afile").write_text("")
     before = sorted(tmp_path.rglob("*"))
-    result = cli_run(*args, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    args = [str(tmp_path / "nope") if arg == "{missing}" else arg for arg in args]  # a model folder not there
+    result = cli_run(*args, cwd=tmp_path)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert sorted(tmp_path.rglob("*")) == before
 
@@ -274,3 +275,28 @@ def test_build_prints_its_own_lines_only(tmp_path):
     ]
     others = [line for line in re.split(r"[\r\n]+", done.stderr) if line.strip()]
     assert [line for line in others if not line.startswith(("embed: ", "select: "))] == []
+
+
+@needs_pools
+def test_a_recipe_naming_unreachable_scorers_fails_before_reading_models(tmp_path, cli_run):
+    """`recipe init` on an unscored pool names Deita's scorers; without the Hub, `build` says so in one line at once
+    (one quick request per model), instead of retrying each download for a minute, and writes nothing."""
+    real_pool(tmp_path / "pool.json", 20)
+    assert cli_run("recipe", "init", "pool.json", "--out", "r.yaml", cwd=tmp_path).returncode == 0
+    recipe = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    assert recipe["scores"]["complexity"] == {"model": "hkust-nlp/deita-complexity-scorer"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_ENDPOINT": "http://127.0.0.1:9", "DEITA_HUB_CACHE": "c"}
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "deita_hub", "build", "r.yaml", "--out", "out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()  # one line: no retry messages
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: hkust-nlp/deita-complexity-scorer: cannot reach the Hub at http://127.0.0.1:9"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool.json", "r.yaml"]

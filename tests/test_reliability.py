@@ -253,7 +253,7 @@ def _ends_cleanly(code: int, stderr: str, sig: int) -> None:
     said = [
         line
         for line in stderr.replace("\r", "\n").splitlines()
-        if line.strip() and "|" not in line and not line.startswith(("WARNING ", "INFO "))
+        if line.strip() and "|" not in line and not line.startswith(("WARNING ", "INFO ", "warning: "))
     ]
     assert (code, said) == (expected[0], [expected[1]]), stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -307,6 +307,7 @@ def _build_inputs(folder: Path, rows: int = 600) -> None:
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_build_leaves_no_dataset_and_resumes_its_embedding(tmp_path, sig):
     _build_inputs(tmp_path)
@@ -328,6 +329,7 @@ def test_interrupted_build_leaves_no_dataset_and_resumes_its_embedding(tmp_path,
     assert sidecar["resumed_rows"] > 0  # the rerun continued the interrupted embedding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_embed_keeps_progress_not_output(tmp_path, sig):
     write_jsonl(tmp_path / "pool.jsonl", [{"conversations": conversation(i)} for i in range(600)])
@@ -359,6 +361,7 @@ def scorer_dir(tmp_path_factory):
     return save_digit_answering_model(tmp_path_factory.mktemp("scorer"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_score_keeps_progress_not_output(tmp_path, scorer_dir, sig):
     write_jsonl(tmp_path / "pool.jsonl", [{"conversations": conversation(i)} for i in range(300)])
@@ -394,6 +397,7 @@ def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", "llama")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_eval_writes_no_results(tmp_path, tiny_model_dir, sig):
     rows = [json.loads(line) for line in HELD_OUT.read_text().splitlines()]
@@ -424,6 +428,7 @@ def _loaded(model_dir: Path) -> bool:
 # --- concurrency -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_builds_sharing_one_cache_agree_and_embed_once(tmp_path):
     _build_inputs(tmp_path, rows=200)
     cache = tmp_path / "cache"

@@ -127,7 +127,16 @@ def dataset_card(
         ],
     )
     DatasetInfosDict(infos).to_dataset_card_data(card_data)
+    # a preference set (prompt/chosen/rejected) gets no ShareGPT `conversations` column: its card says so
+    preferences = any({"chosen", "rejected"} <= set(table.column_names) for table in tables.values())
     body = render_template(
-        CARD_TEMPLATE, {"recipe": recipe, "record": record, "card": recipe.card, "repo_id": repo_id}
+        CARD_TEMPLATE,
+        {
+            "recipe": recipe,
+            "record": record,
+            "card": recipe.card,
+            "repo_id": repo_id,
+            "preferences": preferences,
+        },
     )
     return f"---\n{card_data.to_yaml()}\n---\n\n{body}"

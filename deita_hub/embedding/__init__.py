@@ -288,6 +288,10 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield  # signal handlers can only be set from the main thread
         return
 
+    if callable(signal.getsignal(signal.SIGTERM)):
+        yield  # a handler is in place already (the CLI's raises its own KeyboardInterrupt, exit code 143)
+        return
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -345,7 +349,7 @@ def _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, 
                 ):
                     save()
                     saved, last_save = done, now
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if matrix is not None and done:
             save()
             log.warning(
@@ -357,6 +361,7 @@ def _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, 
             )
         else:
             log.warning("interrupted before the first batch was embedded: nothing to keep")
+        exc.progress_reported = True  # the CLI prints no second "interrupted" line
         raise
     meta["seconds"] = round(time.perf_counter() - start, 3)
     meta["resumed_rows"] = resumed  # rows an interrupted run had embedded: not computed again

@@ -59,6 +59,13 @@ class EvalConfig:
         },
     )
     judge_model: str = field(default="gpt-4", metadata={"help": "judge model name as the endpoint knows it"})
+    judge_serve: str | None = field(
+        default=None,
+        metadata={
+            "help": "serve this local model folder as the judge for the eval's duration (transformers serve on "
+            "127.0.0.1; extra [eval]); tiny:rating-judge is a tiny offline demo judge. Instead of --judge-url"
+        },
+    )
     judge_api_key_env: str = field(
         default="OPENAI_API_KEY",
         metadata={
@@ -159,6 +166,8 @@ class EvalConfig:
             problems.add(
                 "dataset", "is needed by the loss suite: held-out conversations (a file or Hub dataset)"
             )
+        if self.judge_serve and self.judge_url:
+            problems.add("judge_serve", "and --judge-url both name a judge: give one")
         if self.push is not None and "/" not in self.push:
             problems.add("push", f"must be a Hub repo id 'namespace/name', got {self.push!r}")
         problems.raise_if_any()

@@ -83,6 +83,19 @@ def resolve_model(model: str) -> tuple[str, Path | None]:
 
 
 def run_eval(config: EvalConfig) -> EvalReport:
+    """Evaluate `config.model` on `config.suite`; with `judge_serve`, the judge runs on this machine meanwhile."""
+    if not config.judge_serve or not {"mt-bench", "alpaca-eval"} & set(config.suite):
+        return _run_eval(config)
+    from dataclasses import replace
+
+    from deita_hub.evaluation.local_judge import JudgeServer, resolve_judge_model
+
+    folder = resolve_judge_model(config.judge_serve, Path(config.out))
+    with JudgeServer(folder) as server:  # the server knows the model by the folder it serves
+        return _run_eval(replace(config, judge_serve=None, judge_url=server.url, judge_model=folder))
+
+
+def _run_eval(config: EvalConfig) -> EvalReport:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model_path, card_folder = resolve_model(config.model)

@@ -255,7 +255,7 @@ def score_conversations(
                     for start in range(0, len(pending), config.chunk_rows):
                         chunk = pending[start : start + config.chunk_rows]
                         score_rows(scorer, [(i, conversations[i]) for i in chunk], config, on_rows)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 kept = sum(1 for record in records.values() if record.get("scores") is not None)
                 if checkpoint and kept > resumed:
                     log.warning(
@@ -269,6 +269,9 @@ def score_conversations(
                     log.warning(
                         "interrupted: this run keeps no checkpoint, so its %d scored rows are lost", kept
                     )
+                else:
+                    log.warning("interrupted before a row was scored: nothing to keep")
+                exc.progress_reported = True  # the CLI prints no second "interrupted" line
                 raise
             finally:
                 if owned and hasattr(scorer, "close"):
