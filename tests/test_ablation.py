@@ -224,6 +224,16 @@ def test_tiny_ablation_end_to_end_resume_and_changed_arm(tmp_path):
             {"name": "random", "recipe": "recipe.yaml", "config": "longest-40"},
         ],
     )
-    rerun = ablate(changed, out)
+    # ... through Ray with --workers 2: its two seeds' chains (train, eval) run as parallel tasks (one GPU each on
+    # a GPU cluster, one CPU each here).
+    pytest.importorskip("ray", reason="the [ray] extra runs arms in parallel")
+    rerun = ablate(changed, out, "--workers", "2")
     ran = [line for line in rerun.stdout.splitlines() if line.startswith("running:")]
-    assert ran and all("random" in line for line in ran), rerun.stdout
+    assert sorted(ran) == ["running: random seed 1 (train, eval)", "running: random seed 2 (train, eval)"], (
+        rerun.stdout
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert (
+        results["arms"][1]["config"] == "longest-40"
+        and len(results["benchmarks"]["held-out loss"]["arms"]) == 2
+    )

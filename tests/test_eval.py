@@ -312,6 +312,55 @@ def test_results_card_push_to_the_hub_and_model_index_round_trip(
     assert os.environ.get("HF_TOKEN") != hub_env["HF_TOKEN"]
 
 
+def test_eval_of_a_hub_model_updates_its_card_on_the_hub(tmp_path, tiny_model_dir, rating_judge, hub_env):
+    """`deita-hub eval org/model --push org/model`: the pushed card is regenerated from the repo's run record with
+    the results (never replaced by a blank one); a repo without a run record is refused, its card untouched."""
+    run = make_run(tmp_path, tiny_model_dir)
+    out = tmp_path / "evals"
+    script = (
+        "import json, sys\n"
+        "from deita_hub.cli import main\n"
+        "from deita_hub.hub import push_folder\n"
+        "from huggingface_hub import hf_hub_download\n"
+        f"push_folder({str(run / 'final')!r}, 'deita-tester/hub-eval', repo_type='model')\n"
+        "code = main(['eval', 'deita-tester/hub-eval', '--suite', 'mt-bench', '--mt-bench-questions', "
+        f"{str(QUESTIONS)!r}, '--judge-runs', '1', '--max-new-tokens', '4', '--judge-url', {rating_judge.url!r}, "
+        f"'--judge-model', {rating_judge.model_dir!r}, '--out', {str(out)!r}, '--push', 'deita-tester/hub-eval'])\n"
+        "assert code == 0, code\n"
+        "print('=== card ===')\n"
+        "print(open(hf_hub_download('deita-tester/hub-eval', 'README.md')).read())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=hub_env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    from huggingface_hub import ModelCard
+
+    text = done.stdout.split("=== card ===\n", 1)[1]
+    card = ModelCard(text)
+    results = json.loads((out / "results.json").read_text())
+    assert {r.dataset_name: r.metric_value for r in card.data.eval_results} == {
+        "MT-Bench": results["mt_bench"]
+    }
+    assert "## Performance" in text and "## Input Format" in text  # the whole card, regenerated
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (plain / name).write_bytes((run / "final" / name).read_bytes())
+    (plain / "README.md").write_text("# someone else's card\n")
+    script = (
+        "from deita_hub.cli import main\n"
+        "from deita_hub.hub import push_folder\n"
+        f"push_folder({str(plain)!r}, 'deita-tester/plain', repo_type='model')\n"
+        "raise SystemExit(main(['eval', 'deita-tester/hub-eval', '--suite', 'loss', '--dataset', "
+        f"{str(HELD_OUT)!r}, '--out', {str(tmp_path / 'e2')!r}, '--push', 'deita-tester/plain']))\n"
+    )
+    refused = subprocess.run(
+        [sys.executable, "-c", script], env=hub_env, capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 1 and "has no deita_run.json" in refused.stderr, refused.stderr[-3000:]
+
+
 def test_cli_eval_loss_offline(tmp_path, tiny_model_dir, capsys):
     from deita_hub.cli import main
 

@@ -249,14 +249,17 @@ def interrupt(args: list[str], cwd: Path, ready, sig: int, env: dict | None = No
 
 def _ends_cleanly(code: int, stderr: str, sig: int) -> None:
     expected = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}[sig]
-    # Besides progress bars (tqdm redraws its bar when it closes) and log lines, the command says one line.
-    said = [
-        line
-        for line in stderr.replace("\r", "\n").splitlines()
-        if line.strip() and "|" not in line and not line.startswith(("WARNING ", "INFO ", "warning: "))
+    # Besides its progress lines and bars, the command ends with one line saying it was stopped: "interrupted" /
+    # "terminated", or, where it kept its progress, the line that says so with the command that resumes it.
+    # a progress bar is redrawn without a newline: a log line may follow it on the same line
+    text = stderr.replace("\r", "\n").replace("warning: ", "\nwarning: ")
+    lines = [line for line in text.splitlines() if line.strip() and "|" not in line]
+    endings = [
+        line for line in lines if line.removeprefix("warning: ").startswith(("interrupted", "terminated"))
     ]
-    assert (code, said) == (expected[0], [expected[1]]), stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    assert code == expected[0] and len(endings) == 1, stderr[-3000:]
+    assert endings[0] == expected[1] or "resume with:" in endings[0], stderr[-3000:]
+    assert "Traceback" not in stderr and not any(line.startswith("error") for line in lines), stderr[-3000:]
 
 
 def _hidden_leftovers(folder: Path) -> list[str]:
@@ -520,7 +523,7 @@ def test_two_trainings_into_one_folder_the_second_refuses_then_sigterm_then_resu
     _ends_cleanly(code, stderr, signal.SIGTERM)
     assert not (out / "final").exists()
     resumed = subprocess.run(
-        [sys.executable, "-m", "deita_hub", *args[:-7], "--max-steps", "4", *args[-6:], "--resume"],
+        [sys.executable, "-m", "deita_hub", *args[:-8], "--max-steps", "4", *args[-6:], "--resume"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0 and "resumed from checkpoint-" in resumed.stdout, resumed.stderr[-3000:]

@@ -400,13 +400,10 @@ def push_card(repo_id: str, results_file: Path, card_folder: Path | None) -> str
 
     from deita_hub.hub import push_folder
 
-    if card_folder is None:
-        raise DeitaHubError(
-            "--push needs MODEL to be a deita-hub training run (its card is regenerated from deita_run.json); "
-            f"use `deita-hub card RUN_DIR --eval-results {RESULTS}` for another model's card"
-        )
     with tempfile.TemporaryDirectory(prefix="deita-eval-card-") as staging:
         staging = Path(staging)
+        if card_folder is None:
+            card_folder = _card_from_the_hub(repo_id, results_file, staging / "record")
         shutil.copy2(card_folder / "README.md", staging / "README.md")
         plot = card_folder / "assets" / "loss.png"
         if plot.exists():
@@ -416,3 +413,28 @@ def push_card(repo_id: str, results_file: Path, card_folder: Path | None) -> str
             staging, repo_id, repo_type="model", commit_message="deita-hub eval: update the model card"
         )
     return result.commit_oid
+
+
+def _card_from_the_hub(repo_id: str, results_file: Path, folder: Path) -> Path:
+    """The card of a deita-hub model already on the Hub, regenerated from its pushed run record and the results:
+    the card is updated (Performance section, model-index), never replaced by a blank one."""
+    import shutil
+
+    from deita_hub.cards import write_model_card
+    from deita_hub.hub import NotOnHubError, download
+    from deita_hub.records import RUN_RECORD
+
+    try:
+        record = download(repo_id, filename=RUN_RECORD)
+    except NotOnHubError as exc:
+        if exc.missing != "file":
+            raise
+        raise DeitaHubError(
+            f"--push {repo_id}: the repo has no {RUN_RECORD}, so its card was not made by deita-hub and is not "
+            f"rewritten; add the results by hand, or render a card with `deita-hub card RUN_DIR --eval-results "
+            f"{RESULTS}`"
+        ) from None
+    folder.mkdir(parents=True)
+    shutil.copy2(record, folder / RUN_RECORD)
+    write_model_card(folder, eval_results=results_file)
+    return folder
