@@ -257,6 +257,86 @@ def _check_unique_id(record: dict, seen: dict[str, tuple[int, str]], *, row: int
         )
 
 
+@dataclass
+class SourceRows:
+    """What `read_rows` gathers from a pool's sources: the valid rows, in source order."""
+
+    tables: list[pa.Table]  # per source, its valid rows' original columns
+    items: list[Any]  # per valid row, what `convert` made of it
+    rows: list[int]  # per valid row, its position in the concatenated sources
+    invalid: list[dict[str, Any]]  # {"row","field","reason","source"} of each skipped row
+    fingerprint: Any  # sha256 over each source's content and its resolved layout
+    resolved: Any  # the first source's layout
+    num_source_rows: int
+
+
+def read_rows(
+    sources, *, resolve, convert, on_invalid: str, config, split: str, revision, check=None
+) -> SourceRows:
+    """The one loop over a pool's sources, for SFT pools (`read_pool`) and preference pools alike: read each source,
+    resolve its layout from its columns (`resolve(columns, name) -> (layout, fingerprint tag)`), convert every row
+    (`convert(record, layout, row, name)`; an InvalidRecordError names the field), keep the valid rows. A bad row
+    fails with file, row and field, or with `on_invalid="skip"` is kept in `invalid` with its reason. `check(record)`
+    runs on every row before the layout is resolved (a row that is no record at all says so, not "no columns")."""
+
+    def reject(exc: InvalidRecordError, i: int, name: str, source_invalid: list) -> None:
+        if on_invalid == "error":
+            raise exc.located(row=i, source=name) from None
+        source_invalid.append({"row": i, "field": exc.field, "reason": exc.reason, "source": name})
+
+    tables, items, rows, invalid = [], [], [], []
+    fingerprint = hashlib.sha256()
+    resolved = None
+    offset = 0
+    for source in sources:
+        name = str(source)
+        source_invalid: list[dict] = []
+        table, records, part = read_source(
+            source,
+            config=config,
+            split=split,
+            revision=revision,
+            on_invalid=on_invalid,
+            invalid=source_invalid,
+        )
+        if records is None:
+            records = table.to_pylist()
+        for i, record in enumerate(records if check is not None else ()):
+            try:
+                check(record)
+            except InvalidRecordError as exc:
+                reject(exc, i, name, source_invalid)
+        if table is not None:
+            columns = dict.fromkeys(table.column_names)
+        else:
+            columns = dict.fromkeys(k for r in records if isinstance(r, dict) for k in r)
+        layout, tag = resolve(columns, name)
+        resolved = resolved if resolved is not None else layout
+        fingerprint.update(part.encode())
+        fingerprint.update(tag.encode())
+        bad_rows = {item["row"] for item in source_invalid}
+        keep = []
+        for i, record in enumerate(records):
+            if i in bad_rows:
+                continue
+            try:
+                item = convert(record, layout, i, name)
+            except InvalidRecordError as exc:
+                reject(exc, i, name, source_invalid)
+                continue
+            items.append(item)
+            keep.append(i)
+            rows.append(offset + i)
+        if table is None:
+            table = table_from_rows([records[i] for i in keep], name)
+        elif len(keep) != len(records):
+            table = table.take(pa.array(keep, type=pa.int64()))
+        tables.append(table)
+        invalid.extend(sorted(source_invalid, key=lambda item: item["row"]))
+        offset += len(records)
+    return SourceRows(tables, items, rows, invalid, fingerprint, resolved, offset)
+
+
 def read_pool(
     sources: str | Path | Sequence[str | Path],
     spec: FormatSpec | None = None,
@@ -278,64 +358,34 @@ def read_pool(
         sources = [sources]
     if not sources:
         raise DeitaHubError("no pool given")
-    tables, conversations, rows, invalid = [], [], [], []
-    fingerprint = hashlib.sha256()
-    resolved: FormatSpec | None = None
-    offset = 0
     seen_ids: dict[str, tuple[int, str]] = {}  # each valid row's `id` -> (row, source) of its first holder
-    for source in sources:
-        name = str(source)
-        source_invalid: list[dict] = []
-        table, records, part = read_source(
-            source,
-            config=config,
-            split=split,
-            revision=revision,
-            on_invalid=on_invalid,
-            invalid=source_invalid,
-        )
-        if records is None:
-            records = table.to_pylist()
-        for i, record in enumerate(records):
-            if record is not None and not isinstance(record, dict):
-                error = InvalidRecordError(
-                    f"expected an object, got {type(record).__name__}", row=i, source=name
-                )
-                if on_invalid == "error":
-                    raise error
-                source_invalid.append({"row": i, "field": None, "reason": error.reason, "source": name})
-        bad_rows = {item["row"] for item in source_invalid}
-        columns = dict.fromkeys(k for r in records if isinstance(r, dict) for k in r)
-        if table is not None:
-            columns = dict.fromkeys(table.column_names)
+
+    def resolve(columns, name: str):
         source_spec = spec.resolve(columns)
-        resolved = resolved or source_spec
         # The format as detected, not as typed: `--format alpaca` on a pool detected as alpaca is the same pool.
-        fingerprint.update(part.encode())
-        fingerprint.update(json.dumps(source_spec.to_dict(), sort_keys=True).encode())
-        keep = []
-        for i, record in enumerate(records):
-            if i in bad_rows:
-                continue
-            try:
-                conversation = to_conversation(record, source_spec)
-                _check_unique_id(record, seen_ids, row=i, source=name)
-            except InvalidRecordError as exc:
-                located = exc.located(row=i, source=name)
-                if on_invalid == "error":
-                    raise located from None
-                source_invalid.append({"row": i, "field": exc.field, "reason": exc.reason, "source": name})
-                continue
-            conversations.append(conversation)
-            keep.append(i)
-            rows.append(offset + i)
-        if table is None:
-            table = table_from_rows([records[i] for i in keep], name)
-        else:
-            table = table.take(pa.array(keep, type=pa.int64())) if len(keep) != len(records) else table
-        tables.append(table)
-        invalid.extend(sorted(source_invalid, key=lambda item: item["row"]))
-        offset += len(records)
+        return source_spec, json.dumps(source_spec.to_dict(), sort_keys=True)
+
+    def check(record) -> None:
+        if record is not None and not isinstance(record, dict):
+            raise InvalidRecordError(f"expected an object, got {type(record).__name__}")
+
+    def convert(record, source_spec: FormatSpec, row: int, name: str):
+        conversation = to_conversation(record, source_spec)
+        _check_unique_id(record, seen_ids, row=row, source=name)
+        return conversation
+
+    read = read_rows(
+        sources,
+        resolve=resolve,
+        convert=convert,
+        check=check,
+        on_invalid=on_invalid,
+        config=config,
+        split=split,
+        revision=revision,
+    )
+    tables, conversations, rows, invalid = read.tables, read.items, read.rows, read.invalid
+    resolved, offset, fingerprint = read.resolved, read.num_source_rows, read.fingerprint
     if not conversations:
         raise DeitaHubError(f"pool {', '.join(map(str, sources))} has no valid rows ({len(invalid)} invalid)")
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")

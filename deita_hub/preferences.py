@@ -21,7 +21,6 @@ response lengths and the dataset build see) and whose table keeps the original c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -41,7 +40,7 @@ from deita_hub.conversations import (
 )
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.hub import is_repo_id
-from deita_hub.pool import ON_INVALID, Pool, load_hf, read_source, table_from_rows
+from deita_hub.pool import ON_INVALID, Pool, load_hf, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -250,56 +249,25 @@ def read_preferences(
         sources = [sources]
     if not sources:
         raise DeitaHubError("no preference pool given")
-    tables, pairs, rows, invalid = [], [], [], []
-    fingerprint = hashlib.sha256()
-    layout = None
-    offset = 0
-    for source in sources:
-        name = str(source)
-        source_invalid: list[dict] = []
-        table, records, part = read_source(
-            source,
-            config=config,
-            split=split,
-            revision=revision,
-            on_invalid=on_invalid,
-            invalid=source_invalid,
-        )
-        if records is None:
-            records = table.to_pylist()
-        columns = (
-            table.column_names
-            if table is not None
-            else dict.fromkeys(k for r in records if isinstance(r, dict) for k in r)
-        )
+
+    def resolve(columns, name: str):
         try:
             source_layout = resolve_layout(columns, format)
         except DeitaHubError as exc:
             raise DeitaHubError(f"{name}: {exc}") from None
-        layout = layout or source_layout
-        fingerprint.update(part.encode())
-        fingerprint.update(f"preferences:{source_layout}".encode())
-        bad_rows = {item["row"] for item in source_invalid}
-        keep = []
-        for i, record in enumerate(records):
-            if i in bad_rows:
-                continue
-            try:
-                pairs.append(to_pair(record, source_layout))
-            except InvalidRecordError as exc:
-                if on_invalid == "error":
-                    raise exc.located(row=i, source=name) from None
-                source_invalid.append({"row": i, "field": exc.field, "reason": exc.reason, "source": name})
-                continue
-            keep.append(i)
-            rows.append(offset + i)
-        if table is None:
-            table = table_from_rows([records[i] for i in keep], name)
-        elif len(keep) != len(records):
-            table = table.take(pa.array(keep, type=pa.int64()))
-        tables.append(table)
-        invalid.extend(sorted(source_invalid, key=lambda item: item["row"]))
-        offset += len(records)
+        return source_layout, f"preferences:{source_layout}"
+
+    read = read_rows(
+        sources,
+        resolve=resolve,
+        convert=lambda record, source_layout, row, name: to_pair(record, source_layout),
+        on_invalid=on_invalid,
+        config=config,
+        split=split,
+        revision=revision,
+    )
+    tables, pairs, rows, invalid = read.tables, read.items, read.rows, read.invalid
+    layout, offset, fingerprint = read.resolved, read.num_source_rows, read.fingerprint
     if not pairs:
         raise DeitaHubError(
             f"preference pool {', '.join(map(str, sources))} has no valid rows ({len(invalid)} invalid)"
