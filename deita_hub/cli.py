@@ -789,7 +789,9 @@ def ablate(ablation_file, out, dry_run, workers, **values):
         from deita_hub.hub import check_token
 
         check_token()
-    ablation = load_ablation(ablation_file)
+    from deita_hub.resources import resolve_resource
+
+    ablation = load_ablation(resolve_resource(ablation_file, "ablations"))  # packaged names work anywhere
     results = run(ablation, out, dry_run=dry_run, workers=workers, echo=click.echo)
     if results is None:
         return

@@ -8,7 +8,7 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def resource_dir(name: str) -> Path:
-    """`dataset_scripts`, `model_cards` or `configs`: the installed copy, else the checkout's folder."""
+    """`dataset_scripts`, `model_cards`, `configs` or `ablations`: the installed copy, else the checkout's folder."""
     for candidate in (_PACKAGE / "_data" / name, _PACKAGE.parent / name):
         if candidate.is_dir():
             return candidate
