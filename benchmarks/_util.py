@@ -123,3 +123,19 @@ WORDS = (
 def random_text(rng, low: int = 10, high: int = 200) -> str:
     """`low`..`high` random words: prompts of varied length, as the issue's benchmarks specify."""
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def print_ratio_table(results: list[dict], base_variant: str, label: str) -> None:
+    """Tokens/s and peak memory of each variant, with their ratios to `base_variant` (train.py, dpo.py)."""
+    base = next((r for r in results if r["variant"] == base_variant), results[0])
+    head = f"x {label}"
+    print(f"{'variant':<14}{'tokens':>10}{'tokens/s':>12}{head:>10}{'peak MiB':>11}{head:>10}")
+    for r in results:
+        speed = r["tokens_per_s"] / base["tokens_per_s"]
+        memory = (
+            r["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else float("nan")
+        )
+        print(
+            f"{r['variant']:<14}{r['tokens']:>10}{r['tokens_per_s']:>12.1f}{speed:>10.2f}"
+            f"{r['peak_memory_bytes'] / 2**20:>11.1f}{memory:>10.2f}"
+        )

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import peak_rss_bytes  # noqa: E402
+from _util import peak_rss_bytes, print_ratio_table  # noqa: E402
 
 VARIANTS = ("trl_default", "deita_hub", "precomputed")
 WORDS = "the a model data answer question token select score quality diverse sample train loss step".split()
@@ -213,7 +213,6 @@ def main() -> None:
             results.append(json.loads(lines[-1][len("RESULT ") :]))
     load_after = os.getloadavg()
 
-    base = next((r for r in results if r["variant"] == "trl_default"), results[0])
     print(
         f"model {args.model} (full DPO), per-device batch {args.batch}, max_length {args.max_length}, "
         f"{args.steps - 1} timed steps, device {results[0]['device']}; memory = {results[0]['memory_kind']}"
@@ -221,16 +220,7 @@ def main() -> None:
     print(
         f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}, CPUs {os.cpu_count()}"
     )
-    print(f"{'variant':<14}{'tokens':>10}{'tokens/s':>12}{'x trl':>8}{'peak MiB':>11}{'x trl':>8}")
-    for r in results:
-        speed = r["tokens_per_s"] / base["tokens_per_s"]
-        memory = (
-            r["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else float("nan")
-        )
-        print(
-            f"{r['variant']:<14}{r['tokens']:>10}{r['tokens_per_s']:>12.1f}{speed:>8.2f}"
-            f"{r['peak_memory_bytes'] / 2**20:>11.1f}{memory:>8.2f}"
-        )
+    print_ratio_table(results, "trl_default", "trl")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 

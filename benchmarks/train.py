@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import print_ratio_table  # noqa: E402
+
 VARIANTS = {
     "padded": {"padding_free": False, "packing": False},
     "padding_free": {"padding_free": True, "packing": False},
@@ -178,21 +181,11 @@ def main() -> None:
                 sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
             results.append(json.loads(lines[-1][len("RESULT ") :]))
 
-    base = next((r for r in results if r["variant"] == "padded"), results[0])
     print(
         f"model {args.model} ({args.method}), per-device batch {args.batch}, max_length {args.max_length}, "
         f"{args.steps - 1} timed steps, device {results[0]['device']}; memory = {results[0]['memory_kind']}"
     )
-    print(f"{'variant':<14}{'tokens':>10}{'tokens/s':>12}{'x padded':>10}{'peak MiB':>11}{'x padded':>10}")
-    for r in results:
-        speed = r["tokens_per_s"] / base["tokens_per_s"]
-        memory = (
-            r["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else float("nan")
-        )
-        print(
-            f"{r['variant']:<14}{r['tokens']:>10}{r['tokens_per_s']:>12.1f}{speed:>10.2f}"
-            f"{r['peak_memory_bytes'] / 2**20:>11.1f}{memory:>10.2f}"
-        )
+    print_ratio_table(results, "padded", "padded")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
