@@ -705,7 +705,7 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def report_markdown(results: dict, *, plot: bool) -> str:
+def report_markdown(results: dict, *, plot: bool, results_file: str = RESULTS) -> str:
     lines = [
         f"# Ablation: {results['ablation']}",
         "",
@@ -753,44 +753,67 @@ def report_markdown(results: dict, *, plot: bool) -> str:
         "",
         f"deita-hub {prov['deita_hub']}; ablation file `{prov['ablation_file']}`; training config "
         f"`{prov['training_config']}` with overrides `{json.dumps(prov['train_overrides'])}`; eval settings "
-        f"`{json.dumps(prov['eval_settings'])}`. Per-arm results: `{RESULTS}` lists each eval's results.json.",
+        f"`{json.dumps(prov['eval_settings'])}`. Per-arm results: `{results_file}` lists each eval's results.json.",
         "",
     ]
     return "\n".join(lines)
 
 
+REPORT_BEGIN, REPORT_END = "<!-- deita-hub ablation begin -->", "<!-- deita-hub ablation end -->"
+PUSHED_RESULTS = "ablation/" + RESULTS  # where --push puts results.json in the repo
+
+
+def report_card(existing: str | None, results: dict, *, plot: bool) -> str:
+    """The repo card with the report in it, between markers so the next push replaces it: the whole card when the
+    repo has none (or only an earlier report), else a Results section of the existing card, the rest kept."""
+    if existing is not None and existing.count(REPORT_BEGIN) != existing.count(REPORT_END):
+        raise DeitaHubError(
+            f"the repo card holds {REPORT_BEGIN!r} and {REPORT_END!r} unpaired: mend the card so the report's "
+            "section can be replaced, then push again"
+        )
+    before, after = existing or "", ""
+    if REPORT_BEGIN in before:
+        before, rest = before.split(REPORT_BEGIN, 1)
+        after = rest.split(REPORT_END, 1)[1].removeprefix("\n")
+    section = report_markdown(results, plot=plot, results_file=PUSHED_RESULTS)
+    if not (before + after).strip():
+        return f"{REPORT_BEGIN}\n{section}\n{REPORT_END}\n"
+    body = section.replace("# Ablation:", "## Results: ablation", 1).replace("\n## ", "\n### ")
+    block = f"{REPORT_BEGIN}\n{body}\n{REPORT_END}\n"
+    if existing is not None and REPORT_BEGIN in existing:
+        return before + block + after
+    return before.rstrip("\n") + "\n\n" + block
+
+
 def push_report(out: Path, repo_id: str, *, repo_type: str = "dataset") -> str:
-    """Publish the report in one commit: as the repo's card, or as a Results section of its existing card."""
+    """Publish the report in one commit: the card (`report_card`), results.json and the plot."""
     import tempfile
 
-    from deita_hub.hub import download, push_folder
+    from deita_hub.hub import NotOnHubError, check_repo, download, push_folder
 
     results = json.loads((out / RESULTS).read_text(encoding="utf-8"))
-    section = report_markdown(results, plot=(out / PLOT).exists())
-    begin, end = "<!-- deita-hub ablation begin -->", "<!-- deita-hub ablation end -->"
+    head = None
     try:
-        existing = Path(download(repo_id, repo_type=repo_type, filename="README.md")).read_text(
-            encoding="utf-8"
-        )
-    except DeitaHubError:
+        # The card at the head commit, by its hash: never a cached older card when the Hub fails to answer.
+        head = check_repo(repo_id, repo_type=repo_type)
+        card_file = download(repo_id, repo_type=repo_type, revision=head, filename="README.md")
+        existing = Path(card_file).read_text(encoding="utf-8")
+    except NotOnHubError:  # no repo or no card yet; any other failure (offline, unreachable) stops the push
         existing = None
-    body = section.replace("# Ablation:", "## Results: ablation", 1).replace("\n## ", "\n### ")
-    block = f"{begin}\n{body}\n{end}\n"
-    if existing is None:
-        card = section
-    elif begin in existing and end in existing:
-        card = existing[: existing.index(begin)] + block + existing[existing.index(end) + len(end) + 1 :]
-    else:
-        card = existing.rstrip("\n") + "\n\n" + block
+    card = report_card(existing, results, plot=(out / PLOT).exists())
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
         (stage / "README.md").write_text(card, encoding="utf-8")
-        (stage / "ablation").mkdir()
-        shutil.copy(out / RESULTS, stage / "ablation" / RESULTS)
+        (stage / PUSHED_RESULTS).parent.mkdir()
+        shutil.copy(out / RESULTS, stage / PUSHED_RESULTS)
         if (out / PLOT).exists():
-            (stage / "assets").mkdir()
+            (stage / PLOT).parent.mkdir()
             shutil.copy(out / PLOT, stage / PLOT)
         result = push_folder(
-            stage, repo_id, repo_type=repo_type, commit_message=f"Ablation results: {results['ablation']}"
+            stage,
+            repo_id,
+            repo_type=repo_type,
+            commit_message=f"Ablation results: {results['ablation']}",
+            expected_head=head,  # a card edited on the Hub since it was read is never overwritten
         )
-    return result.commit_url or result.head_oid
+    return result.commit_url

@@ -217,7 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         if not is_disk_full(exc):
             raise
         # A write outside deita-hub's own writers (a library saving a checkpoint) ran out of space.
-        click.echo(f"error: {disk_full_error(getattr(exc, 'filename', None) or '.', kept=False)}", err=True)
+        filename = getattr(exc, "filename", None)
+        if filename:
+            click.echo(f"error: {disk_full_error(filename, kept=False)}", err=True)
+        else:
+            # pyarrow and torch do not always say which file; the current folder's free space would mislead
+            reason = str(exc).splitlines()[0] if str(exc) else "no space left on device"
+            click.echo(
+                f"error: a write ran out of space ({reason}); free some space or write elsewhere, then run the "
+                "command again",
+                err=True,
+            )
         return 1
     finally:
         _restore_signals(previous)

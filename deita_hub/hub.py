@@ -545,6 +545,7 @@ def push_folder(
     delete_missing: bool = False,
     retries: RetryPolicy | None = None,
     ignore_patterns: list[str] | None = None,
+    expected_head: str | None = None,
 ) -> PushResult:
     """Push every file of `folder` to `repo_id` as one commit on `revision` (default main), then tag it.
 
@@ -556,6 +557,8 @@ def push_folder(
         default unrelated remote files are kept.
     retries: RetryPolicy for commit/repo/branch/tag calls; default `RetryPolicy.from_env()`.
     ignore_patterns: glob patterns (matched on the path in the repo and on the file name) not to push.
+    expected_head: the commit a file being pushed was derived from (a card read, edited and pushed back); when
+        the branch has moved since, nothing is pushed, so an edit made on the Hub meanwhile is never lost.
     """
     folder = Path(folder)
     files = local_files(folder, ignore_patterns)
@@ -583,6 +586,11 @@ def push_folder(
     if branch != "main":
         _ensure_branch(repo, branch)
     parent = repo.call(f"reading the head of {repo_id}@{branch}", lambda: repo.head(branch))
+    if expected_head is not None and parent != expected_head:
+        raise DeitaHubError(
+            f"{repo_id}@{branch} changed on the Hub (now at {parent[:12]}) after its card was read at "
+            f"{expected_head[:12]}; nothing was pushed, run the command again"
+        )
     remote = repo.call(f"listing {repo_id}@{parent[:12]}", lambda: repo.files(parent))
     local_paths = {f.path_in_repo for f in files}
     deletions = (

@@ -467,6 +467,37 @@ def test_push_to_a_new_branch_leaves_main_alone(hub_server, hub_env, dataset_dir
     assert hub_server.files(REPO, revision="dev")["deita_build.json"] == b'{"draft": true}'
 
 
+def test_a_push_derived_from_an_older_head_is_refused(hub_server, hub_env, tmp_path):
+    """A card read at one commit and pushed back after someone else committed: nothing is pushed."""
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "README.md").write_text("# card v1\n")
+    assert deita_hub(hub_env, "push", str(first), "org/card", "--type", "dataset").returncode == 0
+    read_at = hub_server.refs("org/card", "dataset")["branches"]["main"]
+    (first / "README.md").write_text("# card edited on the Hub\n")
+    assert deita_hub(hub_env, "push", str(first), "org/card", "--type", "dataset").returncode == 0
+    before = commits(hub_server, "org/card")
+
+    result = python(
+        hub_env,
+        f"""
+        from deita_hub.errors import DeitaHubError
+        from deita_hub.hub import push_folder
+        import pathlib
+        folder = pathlib.Path({str(tmp_path / "mine")!r})
+        folder.mkdir()
+        (folder / "README.md").write_text("# card from v1 plus my section\\n")
+        try:
+            push_folder(folder, "org/card", repo_type="dataset", expected_head={read_at!r})
+        except DeitaHubError as exc:
+            print("refused:", exc)
+        """,
+    )
+    assert "refused: org/card@main changed on the Hub" in result.stdout, result.stdout
+    assert commits(hub_server, "org/card") == before
+    assert hub_server.files("org/card")["README.md"] == b"# card edited on the Hub\n"
+
+
 def test_push_folder_api_and_type_detection(tmp_path):
     from deita_hub.errors import DeitaHubError
     from deita_hub.hub import detect_repo_type, local_files

@@ -16,6 +16,7 @@ truncation, text rendering and the fingerprint of the conversations embedded; `s
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import numpy as np
 from deita_hub import __version__
 from deita_hub.config import DEVICE_HELP, DTYPE_HELP, DTYPES, VLLM_OPTIONS_METADATA, check_choices
 from deita_hub.errors import DeitaHubError
-from deita_hub.io import atomic_file, write_text
+from deita_hub.io import atomic_file, disk_full_error, is_disk_full, write_text
 from deita_hub.pool import conversations_fingerprint
 from deita_hub.records import METADATA_SUFFIX, PARTIAL_SUFFIX
 from deita_hub.vllm_engine import check_options
@@ -302,6 +303,38 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def reserved_matrix(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A new float32 `.npy` at `path`, mapped read-write, its disk blocks reserved before it is mapped.
+
+    A memmap over a sparse file takes its blocks on the first write to each page, and on a full disk that write is
+    a SIGBUS that kills the process with no message; reserved up front (posix_fallocate), a full disk is a one-line
+    error before any row is written. Where the call is missing (macOS) or the file system has no way to reserve
+    the file stays sparse, as numpy makes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(np.float32)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    try:
+        with open(path, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, header)
+            size = handle.tell() + shape[0] * shape[1] * dtype.itemsize
+            try:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(handle.fileno(), 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            handle.truncate(size)  # a no-op once reserved; the sparse file where reserving is not possible
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        path.unlink(missing_ok=True)  # nothing embedded yet: nothing to keep
+        need = shape[0] * shape[1] * dtype.itemsize / 2**20
+        raise DeitaHubError(
+            f"{disk_full_error(path, kept=False)} (the matrix needs {need:.1f} MiB)"
+        ) from None
+    return np.load(path, mmap_mode="r+")
+
+
 def _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, progress):
     from tqdm.auto import tqdm
 
@@ -336,10 +369,7 @@ def _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, 
                 rows = order[done : done + config.batch_size]
                 vectors = embedder.encode([conversations[i] for i in rows])
                 if matrix is None:
-                    partial.parent.mkdir(parents=True, exist_ok=True)
-                    matrix = np.lib.format.open_memmap(
-                        partial, mode="w+", dtype=np.float32, shape=(n, vectors.shape[1])
-                    )
+                    matrix = reserved_matrix(partial, (n, vectors.shape[1]))
                 matrix[np.sort(rows)] = vectors[np.argsort(rows)]
                 done += len(rows)
                 bar.update(len(rows))
