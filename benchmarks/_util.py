@@ -139,3 +139,15 @@ def print_ratio_table(results: list[dict], base_variant: str, label: str) -> Non
             f"{r['variant']:<14}{r['tokens']:>10}{r['tokens_per_s']:>12.1f}{speed:>10.2f}"
             f"{r['peak_memory_bytes'] / 2**20:>11.1f}{memory:>10.2f}"
         )
+
+
+def print_seconds_table(results: list[dict], base_variant: str, label: str) -> None:
+    """Wall seconds and peak RSS of each variant, with the speed-up over `base_variant` (base seconds / seconds)."""
+    base = next((r for r in results if r["variant"] == base_variant), results[0])
+    head = f"x {label}"
+    print(f"{'variant':<14}{'seconds':>10}{head:>12}{'peak MiB':>11}")
+    for r in results:
+        print(
+            f"{r['variant']:<14}{r['seconds']:>10.2f}{base['seconds'] / r['seconds']:>12.2f}"
+            f"{r['peak_memory_bytes'] / 2**20:>11.1f}"
+        )

@@ -10,6 +10,11 @@ Variants (all through `deita_hub.training.trainer.build_trainer`, i.e. TRL's SFT
   position_ids: the same loss and gradients, less compute;
 - `packed`: conversations packed into rows of max_length (BFD): a different batch semantics (see TrainConfig).
 
+`--startup` compares the start-up instead (reading the pool and tokenizing it: the data work `build_trainer` does
+before the model; the tokenizer is loaded before the clock starts), each in a fresh child process: `no_cache` (`tokenized_cache: false`,
+the baseline), `cache_cold` (tokenizes and writes the tokenized-data cache) and `cache_warm` (reads it).
+The default run prints both tables.
+
 Each variant runs in its own child process so that its peak memory is its own: peak GPU memory
 (`torch.cuda.max_memory_allocated`) on a GPU, otherwise the growth of peak RSS during training. Throughput is
 real (non-pad) tokens per second over the timed steps (the first step, warm-up, is not timed). Ratios are
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -29,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import print_ratio_table  # noqa: E402
+from _util import peak_rss_bytes, print_ratio_table, print_seconds_table  # noqa: E402
 
 VARIANTS = {
     "padded": {"padding_free": False, "packing": False},
@@ -114,6 +120,73 @@ def run_variant(args: argparse.Namespace) -> dict:
     }
 
 
+STARTUP_VARIANTS = {"no_cache": False, "cache_cold": True, "cache_warm": True}  # -> tokenized_cache
+
+
+def run_startup(args: argparse.Namespace) -> dict:
+    """Child process: read the pool and tokenize it (or read the cache), timed."""
+    import datasets  # noqa: F401  (imports are not start-up work: done before the clock starts)
+
+    from deita_hub.models import load_tokenizer
+    from deita_hub.training.config import TrainConfig
+    from deita_hub.training.data import load_train_data, read_training_rows
+
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        max_length=args.max_length,
+        per_device_train_batch_size=args.batch,
+        total_train_batch_size=args.batch,
+        tokenized_cache=STARTUP_VARIANTS[args.startup_variant],
+    )
+    tokenizer = load_tokenizer(args.tokenizer)  # the same with or without the cache: not timed
+    start = time.perf_counter()
+    rows = read_training_rows(config)
+    data = load_train_data(config, tokenizer, rows)
+    return {
+        "variant": args.startup_variant,
+        "seconds": time.perf_counter() - start,
+        "conversations": data.num_conversations,
+        "tokens": data.num_tokens,
+        "peak_memory_bytes": peak_rss_bytes(),
+    }
+
+
+def compare_startup(args: argparse.Namespace, tmp: Path) -> None:
+    """The start-up table: without the tokenized-data cache, writing it, reading it (a fresh cache folder)."""
+    tokenizer = args.model
+    if args.model.startswith("tiny:"):  # the tokenizer build_trainer would load from OUTPUT_DIR/tiny-<kind>
+        from deita_hub.tiny import llama2_tokenizer
+
+        tokenizer = str(Path(tmp) / "tokenizer")
+        llama2_tokenizer().save_pretrained(tokenizer)
+    dataset = args.dataset or str(synthetic_pool(Path(tmp) / "startup.jsonl", args.startup_rows, seed=1))
+    env = {**os.environ, "DEITA_HUB_CACHE": str(Path(tmp) / "cache")}
+    results = []
+    for variant in STARTUP_VARIANTS:
+        command = [sys.executable, __file__, "--startup-variant", variant, "--tokenizer", tokenizer]
+        command += ["--model", args.model, "--dataset", dataset, "--max-length", str(args.max_length)]
+        command += ["--batch", str(args.batch)]
+        if args.dataset_config:
+            command += ["--dataset-config", args.dataset_config]
+        results.append(_child_result(command, variant, env=env))
+    print(
+        f"start-up (read pool + tokenize or read the cache), {results[0]['conversations']} conversations, "
+        f"{results[0]['tokens']} tokens, max_length {args.max_length}, tokenizer {args.model}; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print_seconds_table(results, "no_cache", "no_cache")
+
+
+def _child_result(command: list[str], variant: str, env: dict | None = None) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
@@ -142,12 +215,25 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--variants", default="padded,padding_free,packed")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--startup", action="store_true", help="only the start-up comparison")
+    parser.add_argument(
+        "--startup-rows", type=int, default=2000, help="conversations of the start-up comparison's pool"
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--startup-variant", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.variant:  # child
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return
+    if args.startup_variant:  # child
+        print("RESULT " + json.dumps(run_startup(args)), flush=True)
+        return
+    if args.startup:
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_startup(args, Path(tmp))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,11 +261,7 @@ def main() -> None:
             command += ["--gradient-checkpointing"] * args.gradient_checkpointing
             if args.dataset_config:
                 command += ["--dataset-config", args.dataset_config]
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
-            results.append(json.loads(lines[-1][len("RESULT ") :]))
+            results.append(_child_result(command, variant))
 
     print(
         f"model {args.model} ({args.method}), per-device batch {args.batch}, max_length {args.max_length}, "
@@ -188,6 +270,9 @@ def main() -> None:
     print_ratio_table(results, "padded", "padded")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    print()
+    with tempfile.TemporaryDirectory() as tmp:
+        compare_startup(args, Path(tmp))
 
 
 if __name__ == "__main__":

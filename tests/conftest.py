@@ -5,6 +5,15 @@ import pytest
 pytest_plugins = ["deita_hub.testing.pytest_plugin"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """deita-hub's cache (the tokenized-data cache every training writes) in a temp folder, never the user's
+    ~/.cache/deita-hub; a test that sets DEITA_HUB_CACHE itself still wins."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEITA_HUB_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def demo_cache_dir(tmp_path_factory):
     """One deita-hub cache (pool + embeddings) shared by the slow tests that build the demo recipe, so only the

@@ -144,6 +144,13 @@ class TrainConfig:
             "the step count differs from the seed recipe"
         },
     )
+    tokenized_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "keep the token ids under $DEITA_HUB_CACHE/tokenized and reuse them when the data, tokenizer, "
+            "chat template, max_length and batching are the same; off: tokenize afresh and write nothing"
+        },
+    )
     # --- DPO (stage: dpo) ---
     beta: float = field(
         default=0.1,

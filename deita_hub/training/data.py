@@ -11,6 +11,9 @@ DPO (`stage: dpo`) reads preference pairs (`deita_hub.preferences`) and renders 
 including `ASSISTANT:`), the completion ids are the reply and its `</s>` (the template's generation mask), so
 TRL's DPOTrainer gets `prompt_ids` / `chosen_ids` / `rejected_ids` and puts the loss on the replies only.
 
+The token ids are kept in the tokenized-data cache (`training.token_cache`, under `$DEITA_HUB_CACHE`): a second run
+on the same rows, tokenizer, template, `max_length` and batching reads them instead of tokenizing again.
+
 `read_training_rows` reads and validates the data without a tokenizer, so a bad dataset fails before any model
 is built or loaded.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from deita_hub.chat_template import VICUNA_CHAT_TEMPLATE
 from deita_hub.errors import DeitaHubError
 from deita_hub.hub import is_repo_id
 from deita_hub.records import BUILD_RECORD
+from deita_hub.training import token_cache
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +143,51 @@ def read_training_rows(config):
 
 
 def load_train_data(config, tokenizer, rows=None) -> TrainData:
-    """Render + tokenize every conversation (or preference pair) of `rows` (read here when not given), split off
-    the eval rows."""
-    from datasets import Dataset
-
+    """Render + tokenize every conversation (or preference pair) of `rows` (read here when not given), or reuse
+    the tokenized-data cache (`training.token_cache`, unless `tokenized_cache` is off); split off the eval rows."""
     if rows is None:
         rows = read_training_rows(config)
-    if config.stage == "dpo":
-        return _preference_data(config, tokenizer, rows)
-    pool = rows
+    dpo = config.stage == "dpo"
+    unit = "preference pairs" if dpo else "conversations"
     use_vicuna_template(tokenizer)
+    tokenize = partial(_tokenize_pairs if dpo else _tokenize_conversations, config, tokenizer, rows)
+    if config.tokenized_cache:
+        inputs = token_cache.cache_inputs(config, tokenizer, rows)
+        tokenized = token_cache.load_or_tokenize(inputs, tokenize, unit=unit)
+    else:
+        tokenized = tokenize()
+    for row, reason in tokenized.skipped:  # logged here, so that a cache hit says it too
+        log.warning("%s: row %d skipped: %s", config.dataset, row, reason)
+    if tokenized.num_truncated:
+        log.warning(
+            "%d of %d %s are longer than max_length %d and were truncated (%d dropped: %s)",
+            tokenized.num_truncated,
+            len(rows),
+            unit,
+            config.max_length,
+            tokenized.num_dropped - len(tokenized.skipped),
+            "the prompt alone fills it" if dpo else "nothing left to learn from",
+        )
+    dataset, eval_dataset = _split_eval(config, tokenized.dataset)
+    pool = rows.pool if dpo else rows
+    record = _dataset_record(config, pool)
+    if dpo:
+        record["kind"] = "preferences"
+    return TrainData(
+        train=dataset,
+        eval=eval_dataset,
+        record=record,
+        num_conversations=len(rows),
+        num_truncated=tokenized.num_truncated,
+        num_dropped=tokenized.num_dropped,
+        num_tokens=tokenized.num_tokens,
+    )
+
+
+def _tokenize_conversations(config, tokenizer, pool):
+    """Conversations -> input_ids + assistant_masks, truncated to `max_length` (start kept)."""
+    from datasets import Dataset
+
     input_ids, masks = [], []
     truncated = dropped = tokens = 0
     for turns in pool.conversations:
@@ -165,27 +205,8 @@ def load_train_data(config, tokenizer, rows=None) -> TrainData:
         raise DeitaHubError(
             f"{config.dataset}: every conversation lost its assistant replies to max_length {config.max_length}"
         )
-    if truncated:
-        log.warning(
-            "%d of %d conversations are longer than max_length %d and were truncated (%d dropped: nothing left to "
-            "learn from)",
-            truncated,
-            len(pool),
-            config.max_length,
-            dropped,
-        )
-    dataset, eval_dataset = _split_eval(
-        config, Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
-    )
-    return TrainData(
-        train=dataset,
-        eval=eval_dataset,
-        record=_dataset_record(config, pool),
-        num_conversations=len(pool),
-        num_truncated=truncated,
-        num_dropped=dropped,
-        num_tokens=tokens,
-    )
+    dataset = Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
+    return token_cache.Tokenized(dataset, num_tokens=tokens, num_truncated=truncated, num_dropped=dropped)
 
 
 def _dataset_record(config, pool) -> dict[str, Any]:
@@ -232,23 +253,22 @@ def tokenize_pair(tokenizer, pair) -> tuple[list[int], list[int], list[int]]:
     return prompt, chosen, rejected
 
 
-def _preference_data(config, tokenizer, preferences) -> TrainData:
+def _tokenize_pairs(config, tokenizer, preferences):
     """Preference pairs -> prompt/chosen/rejected ids, truncated to `max_length` per side (start kept)."""
     from datasets import Dataset
 
-    use_vicuna_template(tokenizer)
     columns: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     truncated = dropped = tokens = 0
-    pool = preferences.pool
+    skipped = []
     for position, pair in enumerate(preferences.pairs):
         try:
             prompt, chosen, rejected = tokenize_pair(tokenizer, pair)
         except ValueError as exc:
             # Never trained on silently: the row is named; skipping it is the user's call (on_invalid: skip).
-            row = int(pool.rows[position])
+            row = int(preferences.pool.rows[position])
             if config.on_invalid == "error":
                 raise DeitaHubError(f"{config.dataset}: row {row}: {exc}") from None
-            log.warning("%s: row %d skipped: %s", config.dataset, row, exc)
+            skipped.append((row, str(exc)))
             dropped += 1
             continue
         room = config.max_length - len(prompt)
@@ -266,23 +286,10 @@ def _preference_data(config, tokenizer, preferences) -> TrainData:
         raise DeitaHubError(
             f"{config.dataset}: every preference pair lost its replies to max_length {config.max_length}"
         )
-    if truncated:
-        log.warning(
-            "%d of %d preference pairs are longer than max_length %d and were truncated (%d dropped: the prompt "
-            "alone fills it)",
-            truncated,
-            len(preferences),
-            config.max_length,
-            dropped,
-        )
-    dataset, eval_dataset = _split_eval(config, Dataset.from_dict(columns))
-    record = {**_dataset_record(config, pool), "kind": "preferences"}
-    return TrainData(
-        train=dataset,
-        eval=eval_dataset,
-        record=record,
-        num_conversations=len(preferences),
+    return token_cache.Tokenized(
+        Dataset.from_dict(columns),
+        num_tokens=tokens,
         num_truncated=truncated,
         num_dropped=dropped,
-        num_tokens=tokens,
+        skipped=skipped,
     )

@@ -17,7 +17,8 @@ Output layout (OUTPUT_DIR = `output_dir`):
 A checkpoint is complete once its `deita_run.json` exists: it is written (atomically) after everything the
 Trainer saves. `resume` continues from the newest complete checkpoint, with the Trainer's own restore of the
 optimizer, scheduler, RNG state and position in the (seeded) data order; an incomplete newer checkpoint, left by
-a kill in the middle of a save, is removed first.
+a kill in the middle of a save, is removed first. A save that runs out of disk space removes its incomplete
+checkpoint itself and ends with one line naming it and the space left.
 
 The HF token is never given to the Trainer (`TrainingArguments.hub_token` is pickled into `training_args.bin`)
 and TRL's own push is never used: uploads go through `deita_hub.hub` with the token from the environment.
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from deita_hub.errors import DeitaHubError
-from deita_hub.io import claim_folder, replace_folder, write_text
+from deita_hub.io import claim_folder, disk_full_error, is_disk_full, replace_folder, write_text
 from deita_hub.models import load_tokenizer
 from deita_hub.records import MODEL_CONFIG, RUN_RECORD, TRAIN_CONFIG, TRAINER_STATE
 from deita_hub.training import record as run_record
@@ -68,6 +69,7 @@ RESUMABLE_CHANGES = {
     "license",
     "language",
     "output_dir",
+    "tokenized_cache",
 }
 
 
@@ -113,6 +115,34 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
         if is_complete(path):
             return path
     return None
+
+
+def _ran_out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether `exc`, raised while `folder` was being saved, says the disk is full. The libraries that save a
+    checkpoint each say it their own way: an OSError (ENOSPC), safetensors' and tokenizers' "No space left on device
+    (os error 28)", deita-hub's own one-line error for its record; torch.save only "unexpected pos N vs M", so there
+    the space left decides: a save that failed with under 1 MiB free ran out of it."""
+    if is_disk_full(exc) or "no space left" in str(exc).lower():
+        return True
+    try:
+        return shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free < 1 << 20
+    except (OSError, StopIteration):
+        return False
+
+
+def _failed_save(out: Path, exc: BaseException) -> DeitaHubError | None:
+    """After the Trainer raised: when a checkpoint save ran out of space, the one-line error, with the incomplete
+    checkpoint removed (nothing half-written may look resumable) and the last complete one untouched; None when
+    `exc` is something else."""
+    last = last_complete_checkpoint(out)
+    last_step = int(_CHECKPOINT_RE.match(last.name).group(1)) if last else -1
+    incomplete = [path for step, path in checkpoints(out) if step > last_step]
+    if not incomplete or not _ran_out_of_space(exc, incomplete[-1]):
+        return None
+    for path in incomplete:
+        shutil.rmtree(path, ignore_errors=True)
+    resume = f" with --resume ({last.name} is complete and kept)" if last else ""
+    return DeitaHubError(f"{disk_full_error(incomplete[-1], kept=False)}{resume}")
 
 
 def _prepare_output_dir(config: TrainConfig, resume: bool) -> Path | None:
@@ -725,6 +755,11 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
         write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as exc:
+        failed = _failed_save(out, exc) if trainer.is_world_process_zero() else None
+        if failed is None:
+            raise
+        raise failed from None
     finally:
         if uploader is not None:
             uploader.wait()
@@ -733,7 +768,13 @@ def train(config: TrainConfig, *, resume: bool = False, extra_callbacks=()) -> T
     tmp = out / f".{FINAL_DIR}.tmp"
     if trainer.is_world_process_zero():
         shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))  # every rank: FSDP/DeepSpeed gather the weights
+    try:
+        trainer.save_model(str(tmp))  # every rank: FSDP/DeepSpeed gather the weights
+    except Exception as exc:
+        if not (trainer.is_world_process_zero() and _ran_out_of_space(exc, tmp)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DeitaHubError(f"{disk_full_error(final, kept=False)}; the checkpoints are kept") from None
     trainer.accelerator.wait_for_everyone()
     result = TrainResult(
         output_dir=out,
