@@ -29,7 +29,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,8 +389,10 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def run_step(step: Step, ablation: Ablation) -> dict[str, Any]:
-    """Run one step (resuming what an earlier run left) and mark it done."""
+def run_step(step: Step, ablation: Ablation, judge: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Run one step (resuming what an earlier run left) and mark it done.
+
+    judge: (url, model) of a judge already served for the whole ablation, used instead of `judge_serve`."""
     started = time.time()
     folder = step.folder
     logs = folder.parent.parent / "logs" / f"{folder.name}.log"
@@ -416,20 +419,8 @@ def run_step(step: Step, ablation: Ablation) -> dict[str, Any]:
         _run(args, logs)
         extra = _train_cost(run_dir)
     else:
-        run_dir = step.after[0].folder / "run"
         folder.mkdir(parents=True, exist_ok=True)
-        args = ["eval", str(run_dir), "--out", str(folder / "eval")]
-        for key, value in ablation.eval_settings.items():
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, list | tuple):
-                args += [flag, ",".join(map(str, value))]
-            elif isinstance(value, Mapping):
-                for k, v in value.items():
-                    args += [flag, f"{k}={_yaml_value(v)}"]
-            elif isinstance(value, bool):
-                args.append(flag if value else "--no-" + key.replace("_", "-"))
-            elif value is not None:
-                args += [flag, str(value)]
+        args = eval_args(step, ablation, judge)
         _run(args, logs)
         extra = {}
     record = {
@@ -444,6 +435,27 @@ def run_step(step: Step, ablation: Ablation) -> dict[str, Any]:
     }
     write_text(folder / STEP_RECORD, json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def eval_args(step: Step, ablation: Ablation, judge: tuple[str, str] | None = None) -> list[str]:
+    """The `deita-hub eval` command line of an eval step: the same settings for every arm."""
+    run_dir = step.after[0].folder / "run"
+    args = ["eval", str(run_dir), "--out", str(step.folder / "eval")]
+    settings = dict(ablation.eval_settings)
+    if judge is not None and settings.pop("judge_serve", None):
+        settings.update(judge_url=judge[0], judge_model=judge[1])
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list | tuple):
+            args += [flag, ",".join(map(str, value))]
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                args += [flag, f"{k}={_yaml_value(v)}"]
+        elif isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 def _train_cost(run_dir: Path) -> dict[str, Any]:
@@ -495,11 +507,30 @@ def run(
     if workers > 1:
         _run_parallel(todo, ablation, workers, echo)
     else:
-        for step in todo:
-            echo(f"running: {step.label}")
-            record = run_step(step, ablation)
-            echo(f"done: {step.label} ({record['seconds']:.0f} s)")
+        with _shared_judge(ablation, out, todo) as judge:
+            for step in todo:
+                echo(f"running: {step.label}")
+                record = run_step(step, ablation, judge)
+                echo(f"done: {step.label} ({record['seconds']:.0f} s)")
     return report(ablation, out, steps)
+
+
+@contextmanager
+def _shared_judge(ablation: Ablation, out: Path, todo: list[Step]) -> Iterator[tuple[str, str] | None]:
+    """One local judge (`judge_serve`) for every eval of a sequential ablation, started when the first eval
+    needs it, instead of one server start per eval (about 20 s each on 2 CPU cores). Parallel chains, possibly on
+    other machines, keep serving their own."""
+    name = ablation.eval_settings.get("judge_serve")
+    suite = ablation.eval_settings.get("suite") or []
+    judged = {"mt-bench", "alpaca-eval"} & set(suite.split(",") if isinstance(suite, str) else suite)
+    if not name or not judged or not any(step.kind == "eval" for step in todo):
+        yield None
+        return
+    from deita_hub.evaluation.local_judge import JudgeServer, resolve_judge_model
+
+    folder = resolve_judge_model(name, out / "judge")
+    with JudgeServer(folder) as server:
+        yield server.url, folder
 
 
 def _run_parallel(todo: list[Step], ablation: Ablation, workers: int, echo) -> None:

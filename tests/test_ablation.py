@@ -168,6 +168,32 @@ def test_shipped_ablations_load_and_plan(tmp_path, cli_run, name, plan_line):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sequential_ablation_serves_one_judge_for_every_eval(tmp_path):
+    """tiny-cpu.yaml judges with `judge_serve`: one server for all its evals, each eval pointed at it."""
+    import urllib.request
+
+    from deita_hub.ablation import _shared_judge, eval_args
+    from deita_hub.resources import resolve_resource
+
+    ablation = load_ablation(resolve_resource("tiny-cpu.yaml", "ablations"))
+    steps = plan(ablation, tmp_path / "out")
+    evals = [step for step in steps if step.kind == "eval"]
+    assert "--judge-serve" in eval_args(evals[0], ablation)
+    with _shared_judge(ablation, tmp_path / "out", [s for s in steps if s.kind == "train"]) as judge:
+        assert judge is None  # nothing to judge: no server
+    with _shared_judge(ablation, tmp_path / "out", steps) as judge:
+        url, model = judge
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as response:
+            assert response.status == 200
+        for step in evals:
+            args = eval_args(step, ablation, judge)
+            assert "--judge-serve" not in args
+            assert args[args.index("--judge-url") + 1] == url and args[args.index("--judge-model") + 1] == model
+    assert model == str(tmp_path / "out" / "judge" / "tiny-rating-judge")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)  # stopped with the ablation
+
+
 def test_bootstrap_interval_brackets_the_mean():
     low, high = bootstrap_ci([0.1, 0.3, 0.2, 0.4], 2000)
     assert low <= 0.25 <= high and low >= 0.1 and high <= 0.4
