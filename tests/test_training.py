@@ -337,6 +337,36 @@ def test_resume_continues_from_the_last_complete_checkpoint(tmp_path):
     assert json.loads((run / "final" / "deita_run.json").read_text())["results"]["global_step"] == 4
 
 
+def test_old_checkpoints_go_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
+    """save_total_limit 1: a save whose record cannot be written still leaves the previous checkpoint."""
+    import errno
+
+    from deita_hub.training import trainer as trainer_module
+    from deita_hub.training.trainer import checkpoints, train
+
+    pool = write_pool(tmp_path / "pool.jsonl", varied_conversations(4))
+    config = tiny_config(tmp_path, pool, max_steps=3, save_steps=1, save_total_limit=1)
+    write = trainer_module._RunRecorder.write
+
+    def fails_at_step_3(self, folder, state, **results):
+        if state.global_step == 3:
+            raise OSError(errno.EIO, "the record of checkpoint-3 could not be written")
+        return write(self, folder, state, **results)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module._RunRecorder, "write", fails_at_step_3)
+        with pytest.raises(OSError, match="checkpoint-3"):
+            train(config)
+    run = Path(config.output_dir)
+    assert [(p.name, is_complete_checkpoint(p)) for _, p in checkpoints(run)] == [
+        ("checkpoint-2", True),  # checkpoint-1 went once checkpoint-2 was complete, not before
+        ("checkpoint-3", False),
+    ]
+    resumed = train(config, resume=True)
+    assert (resumed.resumed_from, resumed.global_step) == (2, 3)
+    assert [p.name for _, p in checkpoints(run)] == ["checkpoint-3"]
+
+
 def is_complete_checkpoint(folder: Path) -> bool:
     from deita_hub.training.trainer import is_complete
 

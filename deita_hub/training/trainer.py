@@ -117,6 +117,21 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def rotate_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Keep the newest `keep` complete checkpoints; delete the older ones, and the incomplete ones older than the
+    newest complete one (nothing resumes from those). Called once a checkpoint's record is written."""
+    if keep is None:
+        return
+    found = checkpoints(output_dir)
+    complete = [(step, path) for step, path in found if is_complete(path)]
+    if not complete:
+        return
+    newest = complete[-1][0]
+    stale = [path for step, path in found if step < newest and not is_complete(path)]
+    for path in [path for _, path in complete[:-keep]] + stale:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _ran_out_of_space(exc: BaseException, folder: Path) -> bool:
     """Whether `exc`, raised while `folder` was being saved, says the disk is full. The libraries that save a
     checkpoint each say it their own way: an OSError (ENOSPC), safetensors' and tokenizers' "No space left on device
@@ -336,7 +351,10 @@ def _training_arguments(
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
+        # deita-hub deletes old checkpoints itself, once the new one is complete (`rotate_checkpoints`): the
+        # Trainer deletes them before the callback writes the new one's record, so a save that fails there
+        # could leave no checkpoint to resume from.
+        save_total_limit=None,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=config.save_steps if has_eval else None,
         report_to=[],
@@ -528,7 +546,7 @@ class _RunRecorder:
         run_record.write_card(folder)
 
 
-def _callback(recorder: _RunRecorder, uploader: CheckpointUploader | None):
+def _callback(recorder: _RunRecorder, uploader: CheckpointUploader | None, keep: int | None):
     from transformers import TrainerCallback
 
     class DeitaHubCallback(TrainerCallback):
@@ -540,7 +558,8 @@ def _callback(recorder: _RunRecorder, uploader: CheckpointUploader | None):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             recorder.write(folder, state)
             if uploader is not None:
-                uploader.submit(state.global_step, folder)
+                uploader.submit(state.global_step, folder)  # staged (copied) before it returns
+            rotate_checkpoints(Path(args.output_dir), keep)
 
     return DeitaHubCallback()
 
@@ -653,7 +672,7 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
             staging_root=Path(config.output_dir) / ".push-staging",
             base_model=base_model,
         )
-    trainer.add_callback(_callback(recorder, uploader))
+    trainer.add_callback(_callback(recorder, uploader, config.save_total_limit))
     for callback in extra_callbacks:
         trainer.add_callback(callback)
     return trainer, recorder, uploader, data
