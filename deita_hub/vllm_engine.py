@@ -54,9 +54,8 @@ def check_options(options: Any) -> None:
         )
 
 
-def load_llm(purpose: str, *, options: Mapping[str, Any], **settings: Any):
-    """`vllm.LLM(**settings, **options)` with unknown option names rejected before anything loads."""
-    vllm = require("vllm", "vllm", purpose)
+def check_engine_options(vllm, options: Mapping[str, Any]) -> None:
+    """`check_options`, and every name an argument of the installed vLLM's engine (`vllm.EngineArgs`)."""
     check_options(options)
     known = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
     unknown = sorted(set(options) - known)
@@ -65,6 +64,12 @@ def load_llm(purpose: str, *, options: Mapping[str, Any], **settings: Any):
             f"vllm_options: {unknown} are not engine arguments of vLLM {getattr(vllm, '__version__', '?')} "
             "(see vllm.EngineArgs)"
         )
+
+
+def load_llm(purpose: str, *, options: Mapping[str, Any], **settings: Any):
+    """`vllm.LLM(**settings, **options)` with unknown option names rejected before anything loads."""
+    vllm = require("vllm", "vllm", purpose)
+    check_engine_options(vllm, options)
     try:
         return vllm, vllm.LLM(**settings, **dict(options))
     except Exception as exc:

@@ -107,6 +107,46 @@ def test_fastchat_rating_and_prompt_choice():
     assert [questions[q].answer_temperature for q in (81, 111, 131)] == [0.7, 0.0, 0.1]
 
 
+def test_answer_prompts_are_fastchats_vicuna_prompt_with_one_bos():
+    """Both answer engines get FastChat's prompt (its vicuna_v1.1 text, BOS once): the template writes BOS, so
+    encoding its text with special tokens again would start the prompt with <s><s>."""
+    from deita_hub.chat_template import render_vicuna
+    from deita_hub.evaluation.answers import prompt_ids
+    from deita_hub.tiny import llama2_tokenizer
+
+    tokenizer = llama2_tokenizer()
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    turns.append({"role": "user", "content": "What is 2+2?"})
+    ids = prompt_ids(tokenizer, turns)
+    assert ids == tokenizer(render_vicuna(turns, add_generation_prompt=True)).input_ids
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_shipped_judge_prompts_are_fastchats_bytes():
+    """fastchat_judge_prompts.jsonl is the tail of lm-sys/FastChat fastchat/llm_judge/data/judge_prompts.jsonl at
+    commit 0e6e7fdc78bf64aceea1508694ce4e6472810b8b (its last four lines, the single-answer prompts: bytes
+    6272-10457 of the 10457), compared byte for byte; a change here is a change of MT-Bench's judge."""
+    import hashlib
+
+    data = mtb.PROMPTS_FILE.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == (
+        "c0ed25a9c5a9cb1092346543d8e16b1b40b37b57f1c30d53ad57a97dfd94d9fc"
+    )
+
+
+def test_alpaca_eval_defaults_are_alpaca_eval_1s():
+    """The defaults are AlpacaEval 1 (what the Deita paper reports) as the alpaca_eval package defines it: its
+    AlpacaEval 1 annotator, and reference outputs from the dataset config `alpaca_eval`, whose loading script
+    (tatsu-lab/alpaca_eval on the Hub) reads `alpaca_eval.json` (AlpacaEval 2's is alpaca_eval_gpt4_baseline)."""
+    constants = pytest.importorskip("alpaca_eval.constants", reason="alpaca_eval needs setuptools < 81")
+    from deita_hub.evaluation.alpaca_eval import REFERENCE_FILE
+
+    assert EvalConfig.alpaca_eval_annotator == constants.ANNOTATOR_CONFIG_AE1 == "alpaca_eval_gpt4"
+    assert EvalConfig.alpaca_eval_data == "tatsu-lab/alpaca_eval"
+    assert constants.ALPACAEVAL_REFERENCE_OUTPUTS_1.keywords == {"dataset": "alpaca_eval"}
+    assert REFERENCE_FILE == "alpaca_eval.json"
+
+
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -230,13 +270,14 @@ def test_an_unreachable_judge_is_retried_then_one_line(tmp_path, tiny_model_dir,
     assert len(_lines(tmp_path / "evals" / "mt_bench" / "model_answer" / f"{tiny_model_dir.name}.jsonl")) == 3
 
 
-def test_open_llm_tasks_run_through_lm_eval_on_a_local_task(tmp_path, tiny_model_dir):
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
+def write_local_task(tasks: Path, data: Path = DATA / "tiny_mc.jsonl") -> Path:
+    """An lm-evaluation-harness task folder: `deita_tiny_mc`, multiple choice over `data` (tiny_mc.jsonl: 4
+    questions with `question`, `choices`, `answer`)."""
+    tasks.mkdir(parents=True, exist_ok=True)
     (tasks / "deita_tiny_mc.yaml").write_text(
         "task: deita_tiny_mc\n"
         "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {DATA / 'tiny_mc.jsonl'}\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\n"
         "fewshot_split: test\n"
         "output_type: multiple_choice\n"
@@ -245,6 +286,11 @@ def test_open_llm_tasks_run_through_lm_eval_on_a_local_task(tmp_path, tiny_model
         "doc_to_target: answer\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
+    return tasks
+
+
+def test_open_llm_tasks_run_through_lm_eval_on_a_local_task(tmp_path, tiny_model_dir):
+    tasks = write_local_task(tmp_path / "tasks")
     cfg = config(
         tmp_path,
         tiny_model_dir,

@@ -23,9 +23,11 @@ from deita_hub.errors import DeitaHubError, require
 
 log = logging.getLogger(__name__)
 
-REFERENCE_FILE = (
-    "alpaca_eval.json"  # in the Hub dataset tatsu-lab/alpaca_eval: AlpacaEval 1's reference outputs
-)
+# AlpacaEval 1's reference outputs in the Hub dataset tatsu-lab/alpaca_eval: alpaca_eval's
+# `ALPACAEVAL_REFERENCE_OUTPUTS_1` loads the dataset's config `alpaca_eval`, which its loading script reads from this
+# file (AlpacaEval 2's config `alpaca_eval_gpt4_baseline` reads alpaca_eval_gpt4_baseline.json). The file is
+# downloaded as it is: `datasets` 4 no longer runs loading scripts.
+REFERENCE_FILE = "alpaca_eval.json"
 
 
 def load_reference(source: str, *, limit: int | None = None) -> list[dict]:

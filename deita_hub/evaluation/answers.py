@@ -1,8 +1,10 @@
 """The model's answers to benchmark questions, batched: transformers on a CPU (or GPU), vLLM on a GPU.
 
 Every prompt is the conversation so far rendered by the model's own chat template (the Vicuna v1.1 template a
-deita-hub model is saved with) with the generation prompt; generation stops at the tokenizer's EOS or after
-`max_new_tokens`. A temperature below 1e-4 is greedy decoding, as in FastChat's `gen_model_answer.py`.
+deita-hub model is saved with) with the generation prompt, as token ids: the template writes BOS itself, so the
+ids are the template's and nothing is added (encoding the rendered text with special tokens would give
+`<s><s>`). Both engines get the same ids. Generation stops at the tokenizer's EOS or after `max_new_tokens`. A
+temperature below 1e-4 is greedy decoding, as in FastChat's `gen_model_answer.py`.
 
 Batched transformers generation pads on the left and sorts prompts by length, so a batch wastes little
 padding; under greedy decoding it gives the answers one-at-a-time `generate` gives (benchmarks/eval.py checks
@@ -11,6 +13,7 @@ that on every run).
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,13 +40,22 @@ class Generator:
         """The next assistant reply to each conversation (each ends with a user turn)."""
         if not conversations:
             return []
-        prompts = [
-            self.tokenizer.apply_chat_template(list(turns), tokenize=False, add_generation_prompt=True)
-            for turns in conversations
-        ]
+        prompts = [prompt_ids(self.tokenizer, turns) for turns in conversations]
         if self.engine == "vllm":
             return _answer_vllm(self, prompts, temperature)
         return _answer_transformers(self, prompts, temperature)
+
+    def close(self) -> None:
+        """Give the model's memory back now: lm-eval loads the model again, and would not find it on a GPU."""
+        if self.engine == "vllm":
+            from deita_hub.vllm_engine import release
+
+            release(self.model)
+        self.model = None
+        gc.collect()
+        torch = require("torch", "train", "Answer generation")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def load_generator(
@@ -90,6 +102,14 @@ def load_generator(
     return Generator("transformers", model, tokenizer, batch_size, max_new_tokens, seed)
 
 
+def prompt_ids(tokenizer, conversation: Sequence[dict[str, str]]) -> list[int]:
+    """The conversation in the chat template with the generation prompt, as the template's own token ids."""
+    encoded = tokenizer.apply_chat_template(
+        list(conversation), tokenize=True, add_generation_prompt=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
 def _generate_kwargs(generator: Generator, temperature: float) -> dict:
     tokenizer = generator.tokenizer
     sampling = temperature >= GREEDY_BELOW
@@ -106,14 +126,12 @@ def _generate_kwargs(generator: Generator, temperature: float) -> dict:
     }
 
 
-def _answer_transformers(generator: Generator, prompts: list[str], temperature: float) -> list[str]:
+def _answer_transformers(generator: Generator, encoded: list[list[int]], temperature: float) -> list[str]:
     torch = require("torch", "train", "Answer generation")
     tokenizer, model = generator.tokenizer, generator.model
-    # The Vicuna template leaves BOS to the tokenizer (as in training), so the text is encoded with special tokens.
-    encoded = [tokenizer(prompt, add_special_tokens=True)["input_ids"] for prompt in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers: list[str | None] = [None] * len(prompts)
+    answers: list[str | None] = [None] * len(encoded)
     kwargs = _generate_kwargs(generator, temperature)
     for start in range(0, len(order), generator.batch_size):
         batch = order[start : start + generator.batch_size]
@@ -138,8 +156,7 @@ def answer_one_at_a_time(generator: Generator, conversation: list[dict[str, str]
     import torch
 
     tokenizer, model = generator.tokenizer, generator.model
-    prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=model.device)
+    input_ids = torch.tensor([prompt_ids(tokenizer, conversation)], device=model.device)
     torch.manual_seed(generator.seed)
     with torch.no_grad():
         output = model.generate(
@@ -150,9 +167,7 @@ def answer_one_at_a_time(generator: Generator, conversation: list[dict[str, str]
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def _answer_vllm(
-    generator: Generator, prompts: list[str], temperature: float
-) -> list[str]:  # pragma: no cover
+def _answer_vllm(generator: Generator, encoded: list[list[int]], temperature: float) -> list[str]:
     from vllm import SamplingParams
 
     params = SamplingParams(
@@ -160,6 +175,6 @@ def _answer_vllm(
         max_tokens=generator.max_new_tokens,
         seed=generator.seed,
     )
-    # vLLM's tokenizer adds BOS to the templated text, as the transformers path does.
+    prompts = [{"prompt_token_ids": ids} for ids in encoded]  # vllm.TokensPrompt: the ids as they are
     outputs = generator.model.generate(prompts, params, use_tqdm=False)
     return [output.outputs[0].text.strip() for output in outputs]

@@ -124,14 +124,25 @@ def _run_eval(config: EvalConfig) -> EvalReport:
             )
         return generator
 
+    def close_generator():
+        nonlocal generator
+        if generator is not None:
+            generator.close()
+            generator = None
+
     if "mt-bench" in config.suite:
         suites["mt-bench"] = _mt_bench(config, out, model_id, get_generator, judge_url)
     if "alpaca-eval" in config.suite:
         suites["alpaca-eval"] = _alpaca_eval(config, out, model_id, get_generator, judge_url)
     if "open-llm" in config.suite:
+        # lm-eval loads the model itself: the answer engine gives its memory back first (a GPU holds one vLLM).
+        close_generator()
         suites["open-llm"] = _open_llm(config, out, model_path, previous.get("suites", {}).get("open-llm"))
     if "loss" in config.suite:
+        if config.backend == "vllm":  # the loss runs on transformers: vLLM gives its memory back first
+            close_generator()
         suites["loss"] = _loss(config, model_path, get_generator)
+    close_generator()
 
     for name, entry in suites.items():
         entry["headline"] = _headline(name, entry)
@@ -244,7 +255,12 @@ def _alpaca_eval(config, out, model_id, get_generator, judge_url) -> dict:
 def _open_llm(config, out, model_path, previous: dict | None) -> dict:
     from deita_hub.evaluation import open_llm
 
-    wanted = {"tasks": list(config.open_llm_tasks), "limit": config.limit, "model": _display(config.model)}
+    wanted = {
+        "tasks": list(config.open_llm_tasks),
+        "limit": config.limit,
+        "model": _display(config.model),
+        "backend": config.open_llm_backend,
+    }
     if previous and previous.get("request") == wanted:
         log.info("open-llm: reusing the finished lm-eval results in %s", RESULTS)
         return previous
@@ -260,6 +276,7 @@ def _open_llm(config, out, model_path, previous: dict | None) -> dict:
         include=config.lm_eval_include,
         limit=config.limit,
         seed=config.seed,
+        vllm_options=config.vllm_options,
     )
     result = {**scores, "request": wanted, "started": started, "finished": _now()}
     write_text(out / "open_llm" / RESULTS, json.dumps(result, indent=2) + "\n")
