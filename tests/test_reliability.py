@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_build import make_pool, write_recipe  # the module pytest imported (tests/ is on sys.path)
 
 from deita_hub.errors import DeitaHubError
-from tests.test_build import make_pool, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ROOT / "tests" / "data" / "eval" / "held_out.jsonl"
@@ -376,7 +376,7 @@ def test_interrupted_score_keeps_progress_not_output(tmp_path, scorer_dir, sig):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_push_commits_nothing(tmp_path, hub_server, hub_env, sig):
-    from tests.test_push import make_dataset_folder
+    from test_push import make_dataset_folder
 
     folder = make_dataset_folder(tmp_path / "ds", {"6k": [{"id": i, "text": "x" * 50} for i in range(50)]})
     # The upload stalls, so the signal lands between the repo's creation and its commit.
@@ -487,7 +487,7 @@ def test_a_second_claim_on_a_folder_is_refused_while_the_first_holds_it(tmp_path
 
 @pytest.mark.slow
 def test_two_trainings_into_one_folder_the_second_refuses_then_sigterm_then_resume(tmp_path):
-    from tests.test_training import varied_conversations, write_pool
+    from test_training import varied_conversations, write_pool
 
     pool = write_pool(tmp_path / "pool.jsonl", varied_conversations(12))
     out = tmp_path / "run"
@@ -640,8 +640,9 @@ def test_disk_full_embedding_matrix_is_reserved_before_a_row_is_written(tmp_path
 def test_disk_full_checkpoint_is_removed_and_the_previous_one_kept(tmp_path):
     """A training whose next checkpoint finds no room: one line naming it and the space left, exit 1; that
     checkpoint's half-written folder is gone (it must not look resumable) and the previous one is as it was."""
+    from test_training import varied_conversations, write_pool
+
     from deita_hub.training.trainer import is_complete
-    from tests.test_training import varied_conversations, write_pool
 
     pool = write_pool(tmp_path / "pool.jsonl", varied_conversations(12))
     # the tiny base model (~20 MiB) is built into the output folder; a checkpoint is ~4 MiB (its tokenizer.json)
@@ -742,8 +743,8 @@ def _parametrized(test, name: str) -> int:
 
 def reliability_counts() -> dict[str, int]:
     """The README table's figures, counted from the tests' own parametrizations."""
-    import tests.test_properties as properties
-    from tests.test_push import PERMANENT, TRANSIENT, test_two_pushes_at_once_land_whole_or_fail_clearly
+    import test_properties as properties
+    from test_push import PERMANENT, TRANSIENT, test_two_pushes_at_once_land_whole_or_fail_clearly
 
     interrupts = [test for name, test in globals().items() if name.startswith("test_interrupted_")]
     generated = [

