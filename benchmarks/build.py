@@ -102,8 +102,8 @@ def stage_pool(folder: Path) -> dict:
     pool = read_pool(folder / "pool.jsonl")
     read_seconds = time.perf_counter() - start
     scores = evol_scores(
-        pool.table.column("complexity_scores").to_pylist(),
-        pool.table.column("quality_scores").to_pylist(),
+        pool.table.column("complexity_scores"),
+        pool.table.column("quality_scores"),
         rows=pool.rows,
     )
     np.save(folder / "scores.npy", scores)  # the select process starts from the scores, as `select` would

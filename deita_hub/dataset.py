@@ -94,9 +94,11 @@ def pool_scores(
         ("complexity", spec.complexity_field, spec.complexity),
         ("quality", spec.quality_field, spec.quality),
     ):
-        values = (
-            pool.table.column(name).to_pylist() if name in pool.table.column_names else [None] * len(pool)
-        )
+        column = pool.table.column(name) if name in pool.table.column_names else None
+        if column is not None and column.null_count == 0:
+            columns[kind] = column  # every row scored: evol_scores reads the Arrow column as it is
+            continue
+        values = column.to_pylist() if column is not None else [None] * len(pool)
         missing = [i for i, v in enumerate(values) if v is None]
         if missing and config is not None:
             from deita_hub.pool import conversations_fingerprint

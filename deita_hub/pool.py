@@ -20,14 +20,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from deita_hub.conversations import FormatSpec, to_conversation
+from deita_hub.conversations import CANONICAL_ROLES, SHAREGPT_ROLES, FormatSpec, to_conversation
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.hub import is_repo_id
 
@@ -257,6 +259,257 @@ def _check_unique_id(record: dict, seen: dict[str, tuple[int, str]], *, row: int
         )
 
 
+# --- the bulk JSONL path --------------------------------------------------------------------------------------
+#
+# A large JSONL pool is read by Arrow's JSON reader (C++, no Python object per value) and its conversations are
+# checked column-wise. It only takes inputs it reads exactly as the row-by-row path does: every line one JSON
+# object, every row valid, ids unique. Anything else (a bad line, a bad row, a blank line, a type Arrow would read
+# differently) goes through the row-by-row path, which names the file, line, row and field as before.
+
+# Arrow's JSON reader crashes on a document nested ~10,000 levels deep, and on a first line that is `null`: lines
+# are handed to it only when each opens with "{" and holds at most this many "{" and "[" (≥ its nesting depth).
+_BULK_MAX_OPENERS = 1000
+_EMPTY_SHA256 = hashlib.sha256().hexdigest()
+_SCAN_BYTES = 1 << 24  # read at a time by the scan
+_CANONICAL = {"system": 0, "user": 1, "assistant": 2}
+# What str.strip() removes: a turn of only these characters is empty (validate()'s rule), spelled for Arrow's RE2.
+_BLANK = "^[" + "".join(f"\\x{{{c:x}}}" for c in range(0x3001) if chr(c).isspace()) + "]*$"
+
+
+def _hash_and_scan(path: Path, digest) -> int | None:
+    """Feed the file to `digest` (as `_hash_path` does) and count its lines when every line opens with "{" and
+    holds at most `_BULK_MAX_OPENERS` "{"/"[" bytes (the lines Arrow's reader may be given); None otherwise."""
+    digest.update(path.name.encode())
+    plain, lines = True, 0
+    at_line_start, openers = True, 0  # carried across chunks: the open line's state
+    with open(path, "rb") as handle:
+        for data in iter(lambda: handle.read(_SCAN_BYTES), b""):
+            digest.update(data)
+            if not plain:
+                continue
+            chunk = np.frombuffer(data, dtype=np.uint8)
+            newlines = np.flatnonzero(chunk == 10)
+            lines += len(newlines)
+            starts = newlines + 1
+            starts = starts[starts < len(chunk)]
+            if at_line_start:
+                starts = np.concatenate(([0], starts))
+            if len(starts) and (chunk[starts] != 0x7B).any():
+                plain = False
+                continue
+            openings = np.flatnonzero((chunk == 0x7B) | (chunk == 0x5B))
+            per_line = np.diff(np.searchsorted(openings, newlines), prepend=0)  # lines ending in this chunk
+            if len(per_line):
+                per_line[0] += openers
+            openers = (
+                (0 if len(newlines) else openers)
+                + len(openings)
+                - (int(np.searchsorted(openings, newlines[-1])) if len(newlines) else 0)
+            )
+            if (len(per_line) and per_line.max() > _BULK_MAX_OPENERS) or openers > _BULK_MAX_OPENERS:
+                plain = False
+            at_line_start = data.endswith(b"\n")
+    return (lines + (not at_line_start)) if plain else None
+
+
+def _read_differently(kind: pa.DataType) -> bool:
+    """Types Arrow's JSON reader infers where the row-by-row path keeps strings (timestamps) or errs."""
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
+        return True
+    return any(_read_differently(kind.field(i).type) for i in range(kind.num_fields))
+
+
+def _huge_floats(column: pa.ChunkedArray) -> bool:
+    """A float of 2**63 or more: Arrow reads a too-large integer as a float (the row-by-row path would not)."""
+    kind = column.type
+    while pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        column = pc.list_flatten(column)
+        kind = kind.value_type
+    if pa.types.is_struct(kind):
+        return any(_huge_floats(pc.struct_field(column, [i])) for i in range(kind.num_fields))
+    if pa.types.is_floating(kind) and len(column):
+        largest = pc.max(pc.abs(column)).as_py()
+        return largest is not None and largest >= 2.0**63
+    return False
+
+
+# What json.dumps escapes in a string (ensure_ascii=False): control characters, quotes, backslashes.
+_NEEDS_ESCAPE = r'[\x00-\x1f"\\]'
+
+
+# The constant pieces of a canonical line, then the turns' contents: `_fingerprint_lines` takes them in order.
+_PIECES = ["", ", ", "[", "]\n", '{"content": "'] + [f'", "role": "{role}"}}' for role in CANONICAL_ROLES]
+
+
+def _fingerprint_lines(contents: pa.Array, texts: list[str], codes: np.ndarray, lengths: np.ndarray):
+    """The bytes `conversations_fingerprint` hashes for these conversations (`lengths[i]` turns each, contents
+    `contents` = `texts`, roles `CANONICAL_ROLES[codes]`): one `json.dumps(turns, ensure_ascii=False,
+    sort_keys=True)` line per conversation, assembled by Arrow around the contents json's own string encoder
+    spells (only where one needs escaping)."""
+    if pc.any(pc.match_substring_regex(contents, _NEEDS_ESCAPE)).as_py():
+        contents = pa.array([encode_basestring(text)[1:-1] for text in texts], pa.string())
+    # Per conversation "[", then per turn [", " but before the first] '{"content": "', content, '", "role": ..."}',
+    # then "]\n": indices into _PIECES + contents, taken in that order (one copy, no per-turn Python).
+    turns, rows = len(codes), len(lengths)
+    first = np.zeros(turns, dtype=bool)
+    first[np.cumsum(lengths)[:-1]] = True
+    first[0] = True
+    per_turn = np.stack(
+        [
+            np.where(first, 0, 1),
+            np.full(turns, 4),
+            len(_PIECES) + np.arange(turns),
+            5 + codes.astype(np.int64),
+        ],
+        axis=1,
+    )
+    row_of_turn = np.repeat(np.arange(rows), lengths)
+    # Place each row's turns between its "[" and "]\n": position of a turn's pieces = 4 * turn + 2 * row + 1.
+    order = np.empty(4 * turns + 2 * rows, dtype=np.int64)
+    starts = 4 * np.concatenate(([0], np.cumsum(lengths)[:-1])) + 2 * np.arange(rows)
+    order[starts] = 2
+    order[starts + 4 * lengths + 1] = 3
+    at = (4 * np.arange(turns) + 2 * row_of_turn + 1)[:, None] + np.arange(4)
+    order[at.ravel()] = per_turn.ravel()
+    taken = pa.concat_arrays([pa.array(_PIECES, pa.string()), contents]).take(pa.array(order))
+    _, offsets, data = taken.buffers()
+    ends = np.frombuffer(offsets, dtype=np.int32)[taken.offset : taken.offset + len(taken) + 1]
+    return memoryview(data)[ends[0] : ends[-1]]
+
+
+def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> list | None:
+    """ShareGPT/OpenAI turns -> canonical conversations, checked column-wise with `validate()`'s rules; None when
+    any row breaks one (or the column is not a list of role/content strings): the row-by-row path then says which.
+    `digest` is fed what `conversations_fingerprint` hashes for them."""
+    role_key, content_key, known = (
+        ("from", "value", SHAREGPT_ROLES)
+        if spec.format == "sharegpt"
+        else ("role", "content", {r: r for r in CANONICAL_ROLES})
+    )
+    kind = column.type
+    if not pa.types.is_list(kind) or not pa.types.is_struct(kind.value_type):
+        return None
+    fields = {
+        kind.value_type.field(i).name: kind.value_type.field(i).type
+        for i in range(kind.value_type.num_fields)
+    }
+    if not (pa.types.is_string(fields.get(role_key)) and pa.types.is_string(fields.get(content_key))):
+        return None
+    conversations: list = []
+    names = np.array(CANONICAL_ROLES, dtype=object)
+    for chunk in column.chunks:
+        if chunk.null_count:
+            return None
+        offsets = chunk.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        if (lengths == 0).any():
+            return None
+        turns = pc.list_flatten(chunk)
+        if turns.null_count:
+            return None
+        roles, contents = pc.struct_field(turns, role_key), pc.struct_field(turns, content_key)
+        if roles.null_count or contents.null_count:
+            return None
+        raw = pc.unique(roles).to_pylist()
+        mapped = [spec.role_map.get(r) or known.get(r) for r in raw]
+        if None in mapped:
+            return None
+        codes = np.array([_CANONICAL[m] for m in mapped], dtype=np.int8)[
+            pc.index_in(roles, value_set=pa.array(raw, pa.string())).to_numpy()
+        ]
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        j = np.arange(len(codes)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+        system = codes == 0
+        if (system & (j > 0)).any():
+            return None  # a system turn after the first
+        first_system = system[offsets[:-1] - offsets[0]]
+        body_lengths = lengths - first_system
+        if (body_lengths == 0).any() or (body_lengths % 2).any():
+            return None  # no user/assistant turn, or a question without its answer
+        body_index = j - first_system[row]
+        body = body_index >= 0
+        if (codes[body] != 1 + body_index[body] % 2).any():
+            return None  # not user/assistant alternating from a user turn
+        blank = pc.match_substring_regex(contents, _BLANK).to_numpy(zero_copy_only=False)
+        if (blank & body).any():
+            return None
+        texts = contents.to_pylist()
+        canonical = [{"role": r, "content": c} for r, c in zip(names[codes].tolist(), texts, strict=True)]
+        bounds = (offsets - offsets[0]).tolist()
+        chunk_conversations = [canonical[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        if digest is not None:
+            digest.update(_fingerprint_lines(contents, texts, codes, lengths))
+        conversations.extend(chunk_conversations)
+    return conversations
+
+
+def _conversations_in_bulk(table: pa.Table, spec: FormatSpec, digest) -> list | None:
+    if spec.format in ("sharegpt", "openai") and spec.system_field is None:
+        field_name = spec.conversations_field if spec.format == "sharegpt" else spec.messages_field
+        return _turns_in_bulk(table.column(field_name), spec, digest)
+    # Alpaca, or a system prompt column: to_conversation per row, on the columns it reads only.
+    needed = [spec.system_field, spec.instruction_field, spec.input_field, spec.output_field]
+    needed += [spec.conversations_field, spec.messages_field]
+    records = table.select([n for n in dict.fromkeys(needed) if n in table.column_names]).to_pylist()
+    try:
+        return [to_conversation(record, spec) for record in records]
+    except InvalidRecordError:
+        return None
+
+
+def _ids_unique(table: pa.Table, name: str, seen: dict, *, only_source: bool) -> bool:
+    """Whether the rows' ids are unique (and unlike those of earlier sources); records them in `seen`."""
+    if "id" not in table.column_names:
+        return True
+    column = table.column("id")
+    kind = column.type
+    if only_source and (pa.types.is_string(kind) or pa.types.is_integer(kind)):
+        return pc.count_distinct(column).as_py() == len(column) - column.null_count
+    keys: dict[str, tuple[int, str]] = {}
+    for row, identity in enumerate(column.to_pylist()):
+        if identity is not None:
+            key = json.dumps(identity, sort_keys=True, default=str)
+            if key in keys or key in seen:
+                return False
+            keys[key] = (row, name)
+    seen.update(keys)
+    return True
+
+
+def fast_jsonl(source, name: str, resolve, seen_ids: dict, *, only_source: bool):
+    """A `.jsonl` source of valid rows, read in bulk -> (table, conversations, fingerprint part, layout, tag,
+    conversations fingerprint or None); None for any other source, or as soon as anything is off (the
+    row-by-row path then reads it)."""
+    path = Path(source)
+    if path.suffix.lower() != ".jsonl" or not path.is_file():
+        return None
+    import pyarrow.json as pa_json
+
+    digest = hashlib.sha256()
+    lines = _hash_and_scan(path, digest)
+    if lines is None:
+        return None
+    try:
+        table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=1 << 24))
+    except pa.lib.ArrowException:
+        return None
+    if table.num_rows != lines or any(_read_differently(f.type) for f in table.schema):
+        return None  # two objects on a line, or a string Arrow reads as a date
+    if any(_huge_floats(table.column(i)) for i in range(table.num_columns)):
+        return None
+    try:
+        layout, tag = resolve(table.column_names, name)
+    except DeitaHubError:
+        return None  # the row-by-row path says it, after any bad line
+    spelled = hashlib.sha256()
+    conversations = _conversations_in_bulk(table, layout, spelled)
+    if conversations is None or not _ids_unique(table, name, seen_ids, only_source=only_source):
+        return None
+    # The conversations' fingerprint, when Arrow spelled it (ShareGPT/OpenAI turns): of this source alone.
+    fingerprint = None if spelled.hexdigest() == _EMPTY_SHA256 else "sha256:" + spelled.hexdigest()
+    return table, conversations, digest.hexdigest(), layout, tag, fingerprint
+
+
 @dataclass
 class SourceRows:
     """What `read_rows` gathers from a pool's sources: the valid rows, in source order."""
@@ -271,13 +524,15 @@ class SourceRows:
 
 
 def read_rows(
-    sources, *, resolve, convert, on_invalid: str, config, split: str, revision, check=None
+    sources, *, resolve, convert, on_invalid: str, config, split: str, revision, check=None, fast=None
 ) -> SourceRows:
     """The one loop over a pool's sources, for SFT pools (`read_pool`) and preference pools alike: read each source,
     resolve its layout from its columns (`resolve(columns, name) -> (layout, fingerprint tag)`), convert every row
     (`convert(record, layout, row, name)`; an InvalidRecordError names the field), keep the valid rows. A bad row
     fails with file, row and field, or with `on_invalid="skip"` is kept in `invalid` with its reason. `check(record)`
-    runs on every row before the layout is resolved (a row that is no record at all says so, not "no columns")."""
+    runs on every row before the layout is resolved (a row that is no record at all says so, not "no columns").
+    `fast(source, name, resolve) -> (table, items, fingerprint part, layout, tag) | None` may read a source whose
+    rows are all valid in bulk; None sends it through the row-by-row path, which names any bad row."""
 
     def reject(exc: InvalidRecordError, i: int, name: str, source_invalid: list) -> None:
         if on_invalid == "error":
@@ -290,6 +545,17 @@ def read_rows(
     offset = 0
     for source in sources:
         name = str(source)
+        quick = fast(source, name, resolve) if fast is not None else None
+        if quick is not None:
+            table, source_items, part, layout, tag = quick
+            resolved = resolved if resolved is not None else layout
+            fingerprint.update(part.encode())
+            fingerprint.update(tag.encode())
+            items.extend(source_items)
+            rows.extend(range(offset, offset + table.num_rows))
+            tables.append(table)
+            offset += table.num_rows
+            continue
         source_invalid: list[dict] = []
         table, records, part = read_source(
             source,
@@ -374,11 +640,19 @@ def read_pool(
         _check_unique_id(record, seen_ids, row=row, source=name)
         return conversation
 
+    spelled = []  # per source read in bulk, its conversations' fingerprint (or None)
+
+    def fast(source, name: str, resolve):
+        result = fast_jsonl(source, name, resolve, seen_ids, only_source=len(sources) == 1)
+        spelled.append(result[-1] if result is not None else None)
+        return result[:-1] if result is not None else None
+
     read = read_rows(
         sources,
         resolve=resolve,
         convert=convert,
         check=check,
+        fast=fast,
         on_invalid=on_invalid,
         config=config,
         split=split,
@@ -391,7 +665,7 @@ def read_pool(
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
     if invalid:
         log.warning("skipped %d invalid row(s) of %d", len(invalid), offset)
-    return Pool(
+    pool = Pool(
         source=", ".join(map(str, sources)),
         table=table,
         conversations=conversations,
@@ -401,3 +675,6 @@ def read_pool(
         num_source_rows=offset,
         invalid=invalid,
     )
+    if len(spelled) == 1 and spelled[0] is not None:
+        pool.__dict__["conversations_fingerprint"] = spelled[0]  # the cached_property, computed while reading
+    return pool

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from deita_hub.config import check_choices
 from deita_hub.errors import DeitaHubError
@@ -167,7 +170,17 @@ def _per_turn(value, field_name: str, row: int) -> np.ndarray:
 def evol_scores(
     complexity: list, quality: list, *, source: str = "pool", rows: np.ndarray | None = None
 ) -> np.ndarray:
-    """Deita's evol score per row: sum over turns of complexity_t * quality_t (not length-normalised)."""
+    """Deita's evol score per row: sum over turns of complexity_t * quality_t (not length-normalised).
+
+    `complexity` and `quality` are per-row lists (or numbers), or Arrow columns of them."""
+    if isinstance(complexity, pa.ChunkedArray | pa.Array) or isinstance(quality, pa.ChunkedArray | pa.Array):
+        fast = _arrow_per_turn(complexity, quality)
+        if fast is not None:
+            return _sums_of_products(*fast)
+        complexity, quality = (
+            column.to_pylist() if isinstance(column, pa.ChunkedArray | pa.Array) else column
+            for column in (complexity, quality)
+        )
     fast = _per_turn_arrays(complexity, quality)
     if fast is not None:
         return _sums_of_products(*fast)
@@ -219,6 +232,32 @@ def _per_turn_arrays(complexity: list, quality: list) -> tuple[np.ndarray, np.nd
     return c, q, c_len
 
 
+def _arrow_per_turn(complexity, quality) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """`_per_turn_arrays` for Arrow columns of number lists, read from Arrow's buffers (no Python object per
+    score); None for anything else (the row-by-row path then names the first bad row)."""
+    flat, lengths = [], []
+    for column in (complexity, quality):
+        if not isinstance(column, pa.ChunkedArray | pa.Array):
+            return None
+        kind = column.type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+            return None
+        if not (pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)):
+            return None
+        values = pc.list_flatten(column)
+        if column.null_count or values.null_count:
+            return None
+        flat.append(values.to_numpy().astype(np.float64))  # a ChunkedArray's to_numpy joins its chunks
+        lengths.append(pc.list_value_length(column).to_numpy().astype(np.int64))
+    c_len, q_len = lengths
+    if len(c_len) == 0 or len(c_len) != len(q_len) or (c_len != q_len).any() or (c_len == 0).any():
+        return None
+    c, q = flat
+    if not (np.isfinite(c).all() and np.isfinite(q).all()):
+        return None
+    return c, q, c_len
+
+
 def score_order(scores: np.ndarray) -> np.ndarray:
     """Descending by score, ties by position ascending (stable)."""
     return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
@@ -227,37 +266,67 @@ def score_order(scores: np.ndarray) -> np.ndarray:
 # --- the exact blockwise filter ----------------------------------------------------------------------------
 
 
-def _unit_rows(block: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    # `block` is the caller's fresh copy of the rows: normalised in place (float16 rows get a float32 copy here).
-    block = np.asarray(block, dtype=np.float32)
-    norms = np.linalg.norm(block, axis=1)
+def _unit_rows(raw: np.ndarray, positions: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """`raw` rows (float16/32) as float32 unit rows, in the first rows of `out` (`scratch`: its size, for the
+    squares). The arithmetic is np.linalg.norm's own (squares, add.reduce, sqrt), without its copy of the block."""
+    block = out[: len(raw)]
+    if raw.ctypes.data != block.ctypes.data:  # float32 rows were read into `out` itself
+        np.copyto(block, raw)  # float16 -> float32 is exact
+    norms = np.sqrt(np.add.reduce(np.multiply(block, block, out=scratch[: len(raw)]), axis=1))
     bad = ~np.isfinite(norms) | (norms == 0)
     if bad.any():
         row = int(positions[np.flatnonzero(bad)[0]])
         raise DeitaHubError(f"embedding row {row} is zero or not finite; it has no direction to compare")
-    block /= norms[:, None].astype(np.float32)
+    block /= norms[:, None]
     return block
 
 
-# madvise walks the whole mapping (an 8 GiB pool: ~2M pages), so it runs once per this many bytes read, not per
-# block. Resident memory grows ~8x faster than the bytes read (the kernel maps 64 KiB around each faulting row:
-# at 256 MiB the 1M x 4096 fp16 walk's RSS swung by ~2.7 GB), so a read of this size leaves ~0.25 GB behind.
-RELEASE_EVERY_BYTES = 32 << 20
+class _RowReader:
+    """Rows of the embedding matrix, read a block at a time in file order.
 
+    A memory-mapped `.npy` is read with `pread`, not through its mapping: a page fault maps the whole page-cache
+    folio around the row (measured: 1,024 random rows of a 1.5 GiB fp16 matrix mapped 1.1 GiB), so a walk
+    through the mapping made the whole matrix resident within a few blocks, whatever was released between
+    them. Read rows are copied into the block and nothing of the file counts as the process's memory. Any other
+    array (in memory, or a view pread cannot address) is indexed as usual."""
 
-def _expect_random_reads(array: np.ndarray) -> None:
-    """Rows are read in score order, i.e. at random: tell the kernel, so it reads ahead no pages around them."""
-    mapping = getattr(array, "_mmap", None)
-    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        mapping.madvise(mmap.MADV_RANDOM)
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.path = None  # set when rows are read with pread
+        mapping = getattr(array, "_mmap", None)
+        itemsize = array.dtype.itemsize
+        if (
+            isinstance(array, np.memmap)
+            and mapping is not None
+            and array.filename
+            and array.mode in ("r", "r+", "w+")  # "c" (copy on write) may hold changes the file lacks
+            and array.strides[1] == itemsize
+            and array.strides[0] > 0
+        ):
+            # The file position of the first row: numpy maps from the allocation boundary below `offset`.
+            mapped_from = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
+            start = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+            self.first = mapped_from + array.ctypes.data - start
+            self.stride = array.strides[0]
+            self.row_bytes = array.shape[1] * itemsize
+            self.path = array.filename
 
-
-def _release_pages(array: np.ndarray) -> None:
-    """Unmap the memory-mapped rows read so far: they stay in the page cache (a re-read is a minor fault), but no
-    longer count as this process's memory, so a 5 GB pool needs no 5 GB of resident memory."""
-    mapping = getattr(array, "_mmap", None)
-    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
+    def read(self, positions: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows `positions` (in that order) into the first rows of `out` (C-contiguous, the matrix's dtype)."""
+        file_order = np.argsort(positions, kind="stable")  # forward through the file
+        out = out[: len(positions)]
+        if self.path is None:
+            out[file_order] = self.array[positions[file_order]]
+            return out
+        buffer, size = memoryview(out).cast("B"), self.row_bytes
+        fd = os.open(self.path, os.O_RDONLY)  # per block: nothing to close when the walk stops early
+        try:
+            for j, p in zip(file_order.tolist(), positions[file_order].tolist(), strict=True):
+                if os.preadv(fd, [buffer[j * size : (j + 1) * size]], self.first + p * self.stride) != size:
+                    raise DeitaHubError(f"{self.path}: embedding row {p} is cut short (file truncated?)")
+        finally:
+            os.close(fd)
+        return out
 
 
 class _Matmul:
@@ -363,8 +432,14 @@ def deita_select(
     scanned_at = np.zeros(budget, dtype=np.int64)
     k = rechecked = sketch_rejected = 0
     products: list[tuple[int, int, int]] = []
-    unreleased_bytes = 0  # rows read from the (memory-mapped) matrix since its pages were last released
-    _expect_random_reads(embeddings)
+    reader = _RowReader(embeddings)
+    # One set of block buffers for the whole walk (a block's rows are copied out before the next is read).
+    rows_per_block = min(config.block_size, n)
+    unit_buffer = np.empty((rows_per_block, dim), dtype=np.float32)
+    scratch = np.empty_like(unit_buffer)
+    raw_buffer = (
+        unit_buffer if embeddings.dtype == np.float32 else np.empty_like(unit_buffer, embeddings.dtype)
+    )
     sketch = _Sketch(dim, budget) if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH else None
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -377,15 +452,8 @@ def deita_select(
         if k == budget:
             break
         block_pos = order[start : start + config.block_size]
-        # Read rows in file order (memmap locality), then put them back in score order.
-        file_order = np.argsort(block_pos, kind="stable")
-        raw = np.empty((len(block_pos), dim), dtype=embeddings.dtype)
-        raw[file_order] = embeddings[block_pos[file_order]]
-        block = _unit_rows(raw, block_pos)
-        unreleased_bytes += raw.nbytes
-        if unreleased_bytes >= RELEASE_EVERY_BYTES:
-            _release_pages(embeddings)
-            unreleased_bytes = 0
+        raw = reader.read(block_pos, raw_buffer)
+        block = _unit_rows(raw, block_pos, unit_buffer, scratch)
         best = np.full(len(block), -1)
         best_sim = np.full(len(block), -np.inf)
         sims, sims_row = None, None

@@ -76,10 +76,28 @@ def select_subsets(
     return {subset.name: results[subset.name] for subset in subsets}  # the recipe's order
 
 
+def take_rows(table: pa.Table, positions: np.ndarray) -> pa.Table:
+    """`table.take(positions)`, a record batch at a time: Arrow's take on a many-chunk column (a pool read in
+    bulk) first joins its chunks, a transient copy of the whole pool (1.6 GB at a million rows)."""
+    batches = table.to_batches()
+    if len(batches) <= 1:
+        return table.take(pa.array(positions, type=pa.int64()))
+    bounds = np.cumsum([0] + [batch.num_rows for batch in batches])
+    which = np.searchsorted(bounds, positions, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    parts = [
+        batches[b].take(pa.array(positions[order][which[order] == b] - bounds[b], type=pa.int64()))
+        for b in np.unique(which)
+    ]
+    gathered = pa.Table.from_batches(parts, schema=table.schema)  # rows grouped by batch
+    back = np.empty(len(order), dtype=np.int64)
+    back[order] = np.arange(len(order))
+    return gathered.take(pa.array(back))
+
+
 def subset_table(pool: Pool, selection: Selection, scores: np.ndarray | None) -> pa.Table:
     """Selected rows in selection order: every input field, ShareGPT `conversations`, and the audit columns."""
-    positions = pa.array(selection.positions, type=pa.int64())
-    table = pool.table.take(positions)
+    table = take_rows(pool.table, selection.positions)
     for name in AUDIT_COLUMNS:
         if name in table.column_names:
             table = table.drop_columns([name])
@@ -145,8 +163,8 @@ def run_select(
     scores = None
     if any(c.needs_scores for c in configs):
         scores = evol_scores(
-            pool.table.column(complexity_field).to_pylist(),
-            pool.table.column(quality_field).to_pylist(),
+            pool.table.column(complexity_field),
+            pool.table.column(quality_field),
             source=pool.source,
             rows=pool.rows,
         )

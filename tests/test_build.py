@@ -404,3 +404,16 @@ def test_embeddings_survive_added_score_columns_and_a_typed_format(tmp_path):
         load_embeddings(
             path, num_rows=len(changed), conversations_fingerprint=changed.conversations_fingerprint
         )
+
+
+def test_subset_rows_are_taken_a_batch_at_a_time():
+    import pyarrow as pa
+
+    from deita_hub.subsets import take_rows
+
+    table = pa.Table.from_batches(
+        [pa.record_batch({"id": list(range(i, i + 5)), "x": [[i]] * 5}) for i in range(0, 20, 5)]
+    )
+    positions = np.random.default_rng(0).permutation(20)[:12]
+    assert take_rows(table, positions).equals(table.take(pa.array(positions)))
+    assert take_rows(table, np.array([], dtype=np.int64)).num_rows == 0

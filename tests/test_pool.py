@@ -1,5 +1,6 @@
 """Pool reading: every file type and the real shared pools, fingerprints, skipped rows."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from deita_hub import pool as pool_module
 from deita_hub.conversations import FormatSpec
 from deita_hub.errors import DeitaHubError
 from deita_hub.pool import read_pool
@@ -24,6 +26,7 @@ ROWS = [
     }
     for i in range(5)
 ]
+ROWS_LINE = json.dumps(ROWS[0]) + "\n"
 
 
 def write_jsonl(path, rows):
@@ -139,3 +142,136 @@ def test_columns_missing_from_the_first_rows_are_kept(tmp_path):
     rows = [dict(ROWS[0]), {**ROWS[1], "quality_scores": [4.5]}]
     pool = read_pool(write_jsonl(tmp_path / "p.jsonl", rows))
     assert pool.table.column("quality_scores").to_pylist() == [None, [4.5]]
+
+
+# --- the bulk JSONL path: the same Pool as row by row, or a hand-off to it ------------------------------------
+
+
+def _row_by_row(monkeypatch, *args, **kwargs):
+    with monkeypatch.context() as patch:
+        patch.setattr(pool_module, "fast_jsonl", lambda *a, **k: None)
+        return read_pool(*args, **kwargs)
+
+
+def _bulk_used(monkeypatch) -> list:
+    used = []
+    real = pool_module.fast_jsonl
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(pool_module, "fast_jsonl", spy)
+    return used
+
+
+SYSTEM_TURN = {"from": "system", "value": " "}  # a system prompt may be blank; a user or assistant turn not
+BULK_POOLS = {
+    "sharegpt": (
+        [
+            {**ROWS[0], "score": 1, "meta": {"b": [1.5, 2]}},
+            {"conversations": [SYSTEM_TURN, *ROWS[1]["conversations"] * 2], "score": 2.5, "id": "x"},
+            {**ROWS[2], "meta": None, "tags": []},
+            {**ROWS[3], "date": "2020-01-01"},  # a string Arrow would read as a timestamp: handed off
+        ],
+        FormatSpec(role_map={"bot": "assistant"}),
+    ),
+    "openai": (
+        [
+            {"messages": [{"role": "user", "content": "q\u00e9"}, {"role": "bot", "content": "a", "x": 1}]},
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": 'a\n"\\\x01\x7f\u2028 \U0001f600'},
+                ],
+                "id": 7,
+            },
+        ],
+        FormatSpec(role_map={"bot": "assistant"}),
+    ),
+    "alpaca": (
+        [
+            {"instruction": "i", "input": "", "response": "r", "sys": "s"},
+            {"instruction": "i2", "input": "x", "response": "r2"},
+        ],
+        FormatSpec(system_field="sys"),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(BULK_POOLS))
+def test_bulk_jsonl_read_equals_the_row_by_row_read(tmp_path, monkeypatch, layout):
+    rows, spec = BULK_POOLS[layout]
+    path = write_jsonl(tmp_path / "p.jsonl", rows[:-1] if layout == "sharegpt" else rows)
+    exact = _row_by_row(monkeypatch, path, spec)
+    used = _bulk_used(monkeypatch)
+    bulk = read_pool(path, spec)
+    assert used == [True]
+    assert bulk.table.equals(exact.table) and bulk.table.schema == exact.table.schema
+    assert bulk.conversations == exact.conversations
+    assert (bulk.fingerprint, bulk.conversations_fingerprint) == (
+        exact.fingerprint,
+        exact.conversations_fingerprint,
+    )
+    assert bulk.rows.tolist() == exact.rows.tolist() and bulk.spec == exact.spec
+    if layout == "sharegpt":  # with a date-like string the bulk reader hands the file over; same pool
+        path = write_jsonl(tmp_path / "dated.jsonl", rows)
+        assert read_pool(path, spec).table.equals(_row_by_row(monkeypatch, path, spec).table)
+        assert used[-1] is False
+
+
+HANDED_OFF = {
+    "unknown role": '{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}\n',
+    "blank answer": '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " \\u3000"}]}\n',
+    "no answer": '{"conversations": [{"from": "human", "value": "q"}]}\n',
+    "no value": '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}\n',
+    "null line": "null\n",  # Arrow's reader crashes on a first line `null`: never handed one
+    "deep": '{"conversations": [], "x": ' + "[" * 20000 + "]" * 20000 + "}\n",  # nor one nested this deep
+    "two on a line": json.dumps(ROWS[1]) + json.dumps(ROWS[2]) + "\n",
+    "blank line": "\n",
+    "byte-order mark": "\ufeff",
+    "big integer": '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], '
+    '"n": 18446744073709551616}\n',
+    "duplicate id": ROWS_LINE,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HANDED_OFF))
+def test_bulk_jsonl_hands_anything_unusual_to_the_row_by_row_path(tmp_path, monkeypatch, case):
+    text = HANDED_OFF[case] + ROWS_LINE if case == "byte-order mark" else ROWS_LINE + HANDED_OFF[case]
+    path = tmp_path / "p.jsonl"
+    path.write_text(text if case != "null line" else HANDED_OFF[case] + ROWS_LINE, encoding="utf-8")
+    for on_invalid in ("error", "skip"):
+        try:
+            expected = _row_by_row(monkeypatch, path, on_invalid=on_invalid)
+        except Exception as exc:  # noqa: BLE001 - whatever the row-by-row path raises, the read raises too
+            expected = exc
+        used = _bulk_used(monkeypatch)
+        try:
+            got = read_pool(path, on_invalid=on_invalid)
+        except Exception as exc:  # noqa: BLE001
+            got = exc
+        monkeypatch.undo()
+        assert used == [False]
+        if isinstance(expected, Exception):
+            assert type(got) is type(expected) and str(got) == str(expected)
+        else:
+            assert got.table.equals(expected.table) and got.invalid == expected.invalid
+
+
+def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool_module, "_SCAN_BYTES", 7)
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    assert pool_module._hash_and_scan(path, hashlib.sha256()) == len(ROWS)
+    path.write_text(ROWS_LINE + '{"x": ' + "[" * 600 + "]" * 600 + ', "y": ' + "[" * 600 + "]" * 600 + "}\n")
+    assert (
+        pool_module._hash_and_scan(path, hashlib.sha256()) is None
+    )  # 1,200 openers on one line, read 7 at a time
+    path.write_text(ROWS_LINE * 3 + ROWS_LINE.strip())  # no newline at the end
+    digest = hashlib.sha256()
+    assert pool_module._hash_and_scan(path, digest) == 4
+    reference = hashlib.sha256()
+    pool_module._hash_path(path, reference)
+    assert digest.hexdigest() == reference.hexdigest()

@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from deita_hub.errors import DeitaHubError
-from deita_hub.selection import SelectionConfig, deita_select, evol_scores, select
+from deita_hub.selection import SelectionConfig, _RowReader, deita_select, evol_scores, select
 
 
 def reference_select(embeddings, scores, budget, max_similarity):
@@ -113,6 +114,25 @@ def test_float16_memmap_input(tmp_path):
     assert got.positions.tolist() == reference_select(emb, scores, 100, 0.85)
 
 
+def test_memory_mapped_rows_are_read_without_mapping_them(tmp_path):
+    """pread, not page faults: a fault maps the whole page-cache folio around a row, so a walk through the
+    mapping made the whole matrix resident. Views pread can address read the same rows as indexing them."""
+    emb = np.random.default_rng(3).normal(size=(300, 16)).astype(np.float16)
+    np.save(tmp_path / "e.npy", emb)
+    mapped = np.load(tmp_path / "e.npy", mmap_mode="r")
+    positions = np.random.default_rng(4).permutation(100)
+    for view in (mapped, mapped[37:290], mapped[::3], mapped[:, :8], np.asarray(mapped)):
+        reader = _RowReader(view)
+        assert (reader.path is not None) == (isinstance(view, np.memmap) and view.strides[1] == 2)
+        buffer = np.empty((128, view.shape[1]), dtype=view.dtype)
+        assert np.array_equal(reader.read(positions, buffer), view[positions])
+    copy_on_write = np.load(tmp_path / "e.npy", mmap_mode="c")
+    assert _RowReader(copy_on_write).path is None  # its changes are not in the file
+    scores = np.random.default_rng(5).random(300)
+    config = SelectionConfig(budget=120, max_similarity=0.3, block_size=32)
+    assert deita_select(mapped, scores, config).positions.tolist() == reference_select(emb, scores, 120, 0.3)
+
+
 def test_zero_vector_is_an_error():
     emb = np.eye(4, dtype=np.float32)
     emb[2] = 0
@@ -149,6 +169,18 @@ def test_evol_score_is_sum_of_per_turn_products():
         evol_scores([float("nan")], [1.0])
     with pytest.raises(DeitaHubError, match="must be numbers"):
         evol_scores([["a"]], [[1.0]])
+
+
+def test_evol_scores_read_arrow_columns_as_their_lists():
+    complexity, quality = [[2.0, 3.0], [4], [1.5]], [[5.0, 1.0], [2.0], [2]]
+    column = pa.chunked_array([complexity[:1], complexity[1:]])  # two chunks, as the JSON reader gives
+    assert evol_scores(column, pa.array(quality)).tolist() == evol_scores(complexity, quality).tolist()
+    # Anything the column path cannot take goes row by row, which names the row.
+    with pytest.raises(DeitaHubError, match="row 1, field 'quality_scores': missing score"):
+        evol_scores(pa.array([[1.0], [1.0]]), pa.array([[1.0], None]))
+    with pytest.raises(DeitaHubError, match="row 0: 2 complexity score"):
+        evol_scores(pa.array([[1.0, 2.0]]), pa.array([[1.0]]))
+    assert evol_scores(pa.array([2.0, 3.0]), pa.array([[1.0], [2.0]])).tolist() == [2.0, 6.0]
 
 
 @pytest.mark.parametrize(
