@@ -188,7 +188,9 @@ def test_a_sequential_ablation_serves_one_judge_for_every_eval(tmp_path):
         for step in evals:
             args = eval_args(step, ablation, judge)
             assert "--judge-serve" not in args
-            assert args[args.index("--judge-url") + 1] == url and args[args.index("--judge-model") + 1] == model
+            assert (
+                args[args.index("--judge-url") + 1] == url and args[args.index("--judge-model") + 1] == model
+            )
     assert model == str(tmp_path / "out" / "judge" / "tiny-rating-judge")
     with pytest.raises(OSError):
         urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5)  # stopped with the ablation
