@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -36,7 +38,9 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
 # Largest error we allow a fast similarity to have before an fp32 -> fp64 recheck decides: fp32 dot products of
 # unit vectors err by ~1e-6 at d=4096; bf16 moves cosines by up to ~0.008 and fp16 by ~0.001 (measured on
-# Mistral embeddings), so the bands are about twice those.
+# Mistral embeddings), so the bands are about twice those. float32 walks multiply raw rows and divide each product
+# by the row's norm after it (x.s / |x| instead of (x / |x|).s): that differs from the unit-row product by the
+# roundings of the division and of the unit row's elements, a few 1e-7 at most, far inside the float32 band.
 BANDS = {"float32": 2e-4, "bfloat16": 0.016, "float16": 0.004}
 # The short spellings earlier releases took (`precision: bf16`), still accepted.
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -266,19 +270,70 @@ def score_order(scores: np.ndarray) -> np.ndarray:
 # --- the exact blockwise filter ----------------------------------------------------------------------------
 
 
-def _unit_rows(raw: np.ndarray, positions: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """`raw` rows (float16/32) as float32 unit rows, in the first rows of `out` (`scratch`: its size, for the
-    squares). The arithmetic is np.linalg.norm's own (squares, add.reduce, sqrt), without its copy of the block."""
+# float16 -> float32 is exact, so any correct conversion gives the same bits; numpy's takes ~7 ms per 1024 x 4096
+# block, torch's ~1 ms. Importing torch costs ~1-2 s, so the walk uses torch's only when torch is already loaded or
+# the matrix is large enough to pay for the import (~8 ms saved per 1,024 rows).
+TORCH_CAST_MIN_ELEMENTS = 200_000 * 4096
+NORM_ROWS = 32  # rows squared at a time for their norms (512 KiB at d=4096: the squares stay in cache)
+
+
+def _torch_for_casts(embeddings: np.ndarray):
+    """torch, when converting `embeddings`' float16 rows with it pays off; else None (numpy converts them)."""
+    if embeddings.dtype != np.float16:
+        return None
+    if "torch" not in sys.modules and embeddings.size < TORCH_CAST_MIN_ELEMENTS:
+        return None
+    import torch
+
+    return torch
+
+
+def _to_float32(raw: np.ndarray, out: np.ndarray, torch=None) -> None:
+    """`raw` (float16/32) into float32 `out`; with `torch`, in torch on one thread (its default thread pool would
+    contend with the BLAS threads the walk's products run on), restoring torch's thread count after."""
+    if torch is None or raw.dtype != np.float16:
+        np.copyto(out, raw)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.from_numpy(out).copy_(torch.from_numpy(raw))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rows_and_norms(
+    raw: np.ndarray, positions: np.ndarray, out: np.ndarray, scratch: np.ndarray, torch=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`raw` rows (float16/32) as float32 in the first rows of `out`, and their L2 norms (float32). The norms are
+    np.linalg.norm's own arithmetic (squares, add.reduce along the row, sqrt), without its copy of the block: a
+    few rows at a time, so the squares stay in cache (`scratch`: that many rows)."""
     block = out[: len(raw)]
     if raw.ctypes.data != block.ctypes.data:  # float32 rows were read into `out` itself
-        np.copyto(block, raw)  # float16 -> float32 is exact
-    norms = np.sqrt(np.add.reduce(np.multiply(block, block, out=scratch[: len(raw)]), axis=1))
+        _to_float32(raw, block, torch)
+    norms = np.empty(len(raw), dtype=np.float32)
+    step = len(scratch)
+    for lo in range(0, len(raw), step):
+        part = block[lo : lo + step]
+        np.add.reduce(np.multiply(part, part, out=scratch[: len(part)]), axis=1, out=norms[lo : lo + step])
+    np.sqrt(norms, out=norms)
     bad = ~np.isfinite(norms) | (norms == 0)
     if bad.any():
         row = int(positions[np.flatnonzero(bad)[0]])
         raise DeitaHubError(f"embedding row {row} is zero or not finite; it has no direction to compare")
-    block /= norms[:, None]
-    return block
+    return block, norms
+
+
+GATHER_ROWS = 64  # rows gathered at a time for rowwise dot products (1 MiB at d=4096)
+
+
+def _rowwise_dots(rows: np.ndarray, selected: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """rows[i] . selected[which[i]] for every i, gathered a few rows at a time (the gathered rows stay in cache)."""
+    out = np.empty(len(rows), dtype=np.float32)
+    for lo in range(0, len(rows), GATHER_ROWS):
+        part = slice(lo, lo + GATHER_ROWS)
+        np.einsum("ij,ij->i", rows[part], selected[which[part]], out=out[part])
+    return out
 
 
 class _RowReader:
@@ -433,14 +488,24 @@ def deita_select(
     k = rechecked = sketch_rejected = 0
     products: list[tuple[int, int, int]] = []
     reader = _RowReader(embeddings)
-    # One set of block buffers for the whole walk (a block's rows are copied out before the next is read).
+    # Two sets of block buffers for the whole walk: a thread reads and converts the next block into one while the
+    # walk decides the block in the other (its rows are copied out before that set is read into again).
     rows_per_block = min(config.block_size, n)
-    unit_buffer = np.empty((rows_per_block, dim), dtype=np.float32)
-    scratch = np.empty_like(unit_buffer)
-    raw_buffer = (
-        unit_buffer if embeddings.dtype == np.float32 else np.empty_like(unit_buffer, embeddings.dtype)
-    )
+    buffers = []
+    for _ in range(2):
+        row_buffer = np.empty((rows_per_block, dim), dtype=np.float32)
+        raw_buffer = (
+            row_buffer if embeddings.dtype == np.float32 else np.empty_like(row_buffer, embeddings.dtype)
+        )
+        scratch = np.empty((min(NORM_ROWS, rows_per_block), dim), dtype=np.float32)
+        buffers.append((raw_buffer, row_buffer, scratch))
     sketch = _Sketch(dim, budget) if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH else None
+    # float32 products multiply the rows as read and divide each row's *result* by its norm (a number per
+    # candidate instead of a division per element); only candidates that survive the products are made unit
+    # rows. Half precision needs unit rows first (a raw row may not fit in float16), so the norms become 1 there
+    # (x / 1 is x: the arithmetic below is the same either way).
+    late = fast.selected_fast is None
+    torch = _torch_for_casts(embeddings) if late else None
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return b.astype(np.float64) @ a.astype(np.float64)
@@ -448,12 +513,25 @@ def deita_select(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=budget, unit="row", desc="select", disable=not progress)
+
+    def load(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Block `start`: its positions, its rows as float32 and their norms (in buffer set `start`'s parity)."""
+        raw_buffer, row_buffer, scratch = buffers[start // config.block_size % 2]
+        block_pos = order[start : start + config.block_size]
+        raw = reader.read(block_pos, raw_buffer)
+        return (block_pos, *_rows_and_norms(raw, block_pos, row_buffer, scratch, torch))
+
+    reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deita-select-read")
+    next_block = reading.submit(load, 0)
     for start in range(0, n, config.block_size):
         if k == budget:
             break
-        block_pos = order[start : start + config.block_size]
-        raw = reader.read(block_pos, raw_buffer)
-        block = _unit_rows(raw, block_pos, unit_buffer, scratch)
+        block_pos, block, norms = next_block.result()
+        if start + config.block_size < n:  # pread, numpy and torch release the GIL: this overlaps the walk
+            next_block = reading.submit(load, start + config.block_size)
+        if not late:
+            block /= norms[:, None]
+            norms[:] = 1
         best = np.full(len(block), -1)
         best_sim = np.full(len(block), -np.inf)
         sims, sims_row = None, None
@@ -462,30 +540,37 @@ def deita_select(
             if sketch is not None and k >= SKETCH_MIN_SELECTED and sketch.worth_trying():
                 # Most candidates of a redundant pool are rejected by one selected row: guess it from the sketch,
                 # confirm with the real product, and send only the unconfirmed rows through the full product.
-                guess = sketch.guess(block, k)
+                guess = sketch.guess(block, k)  # an argmax per row: blind to the row's scale
                 products += [(len(block), SKETCH_WIDTH, dim), (len(block), k, SKETCH_WIDTH)]
-                guess_sim = np.einsum("ij,ij->i", block, selected[guess])
+                guess_sim = _rowwise_dots(block, selected, guess) / norms
                 confirmed = guess_sim > threshold + band
                 best[confirmed], best_sim[confirmed] = guess[confirmed], guess_sim[confirmed]
                 full = np.flatnonzero(~confirmed)
                 sketch_rejected += int(confirmed.sum())
                 sketch.record(hit_rate=float(confirmed.mean()))
-            sims = fast.against_selected(block[full], selected, k)  # [len(full), k]
+            sims = fast.against_selected(block[full], selected, k)  # [len(full), k], rows not yet divided
             products.append((len(full), k, dim))
             sims_row = np.full(len(block), -1)
             sims_row[full] = np.arange(len(full))
             if len(full):
-                top = sims.argmax(axis=1)
-                best[full], best_sim[full] = top, sims[np.arange(len(full)), top]
+                top = sims.argmax(axis=1)  # blind to the row's scale too
+                best[full], best_sim[full] = top, sims[np.arange(len(full)), top] / norms[full]
         alive = best_sim <= threshold + band
+        # The candidates still in the running, as unit rows (each element divided by its row's norm: the same
+        # float32 unit rows as dividing the whole block); `unit[slot[i]]` is candidate i.
+        candidates = np.flatnonzero(alive)
+        unit = np.divide(block[candidates], norms[candidates, None])
+        slot = np.full(len(block), -1)
+        slot[candidates] = np.arange(len(candidates))
         # Near the threshold the fast value cannot decide: recompute the close pairs in float64.
         for i in np.flatnonzero(alive & (best_sim > threshold - band)):
-            close = np.flatnonzero(sims[sims_row[i]] > threshold - band)
+            close = np.flatnonzero(sims[sims_row[i]] / norms[i] > threshold - band)
             rechecked += 1
-            if (exact(block[i], selected[close]) > threshold).any():
+            if (exact(unit[slot[i]], selected[close]) > threshold).any():
                 alive[i] = False
         survivors = np.flatnonzero(alive)
-        gram = fast.gram(block[survivors]) if len(survivors) > 1 else None
+        survivor_rows = unit[slot[survivors]]
+        gram = fast.gram(survivor_rows) if len(survivors) > 1 else None
         if gram is not None:
             products.append((len(survivors), len(survivors), dim))
         accepted = np.empty(len(survivors), dtype=np.int64)  # indices into `survivors` accepted so far
@@ -503,30 +588,32 @@ def deita_select(
                 if row_sims[j] > threshold - band:
                     close = earlier[row_sims > threshold - band]
                     rechecked += 1
-                    if (exact(block[i], block[survivors[close]]) > threshold).any():
+                    if (exact(survivor_rows[s], survivor_rows[close]) > threshold).any():
                         continue
                 in_block_best, in_block_sim = int(earlier[j]), float(row_sims[j])
             # Accepted: record the nearest earlier-selected row (exact similarity) for the audit columns.
             if k and (sims is not None) and best_sim[i] >= in_block_sim:
                 nearest[k] = positions[best[i]]
-                nearest_sim[k] = float(exact(block[i], selected[best[i] : best[i] + 1])[0])
+                nearest_sim[k] = float(exact(survivor_rows[s], selected[best[i] : best[i] + 1])[0])
             elif in_block_best >= 0:
-                other = survivors[in_block_best]
-                nearest[k] = block_pos[other]
-                nearest_sim[k] = float(exact(block[i], block[other : other + 1])[0])
+                nearest[k] = block_pos[survivors[in_block_best]]
+                nearest_sim[k] = float(
+                    exact(survivor_rows[s], survivor_rows[in_block_best : in_block_best + 1])[0]
+                )
             accepted[n_accepted] = s
             n_accepted += 1
-            selected[k] = block[i]
+            selected[k] = survivor_rows[s]
             positions[k] = block_pos[i]
             scanned_at[k] = start + int(i) + 1
             k += 1
         if n_accepted:
-            new_rows = block[survivors[accepted[:n_accepted]]]
+            new_rows = survivor_rows[accepted[:n_accepted]]
             fast.add(k - n_accepted, new_rows)
             if sketch is not None:
                 sketch.add(k - n_accepted, new_rows)
                 products.append((n_accepted, SKETCH_WIDTH, dim))
             bar.update(n_accepted)
+    reading.shutdown(wait=True, cancel_futures=True)
     bar.close()
     scanned = int(scanned_at[k - 1]) if k == budget else n
     stats = {

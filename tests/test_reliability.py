@@ -240,7 +240,16 @@ def interrupt(args: list[str], cwd: Path, ready, sig: int, env: dict | None = No
             assert time.monotonic() < deadline, f"not ready within {deadline_s} s"
             time.sleep(0.02)
         process.send_signal(sig)
-        process.wait(timeout=120)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            reader.join()
+            stderr = b"".join(chunks).decode(errors="replace")
+            raise AssertionError(
+                f"still running 120 s after signal {sig}; its stderr:\n{stderr[-3000:]}"
+            ) from None
     finally:
         if process.poll() is None:
             process.kill()

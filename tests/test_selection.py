@@ -104,6 +104,8 @@ def test_budget_not_met_scans_everything():
 
 
 def test_float16_memmap_input(tmp_path):
+    import torch  # noqa: F401  (loaded: the walk converts float16 rows in torch, as on a large matrix)
+
     rng = np.random.default_rng(11)
     emb = clustered(rng, 256, 12).astype(np.float16)
     path = tmp_path / "e.npy"
@@ -233,3 +235,19 @@ def test_sketch_path_is_exact_on_wide_redundant_data():
         )
         assert got.positions.tolist() == expected
         assert got.stats["rejected_via_sketch"] > 0
+
+
+def test_float16_rows_convert_the_same_in_torch_and_numpy():
+    """The walk converts large float16 matrices in torch, on one thread: every finite float16 (subnormals and
+    signed zeros included) must come out with numpy's float32 bits, and torch's thread count is left as found."""
+    import torch
+
+    from deita_hub.selection import _to_float32
+
+    halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves)].reshape(-1, 64)
+    out = np.empty(halves.shape, dtype=np.float32)
+    threads = torch.get_num_threads()
+    _to_float32(halves, out, torch)
+    assert torch.get_num_threads() == threads
+    assert np.array_equal(out.view(np.uint32), halves.astype(np.float32).view(np.uint32))
