@@ -324,7 +324,7 @@ def _build_inputs(folder: Path, rows: int = 600) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_build_leaves_no_dataset_and_resumes_its_embedding(tmp_path, sig):
-    _build_inputs(tmp_path)
+    _build_inputs(tmp_path, rows=160)  # 40 batches: the signal lands mid-embedding, the resume stays short
     cache = tmp_path / "cache"
     partial = lambda err: any(cache.glob("embeddings/*.partial.json"))  # noqa: E731 - progress saved
     code, stderr = interrupt(
