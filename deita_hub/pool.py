@@ -14,6 +14,7 @@ Row numbers in messages are 0-based positions in the source (JSONL errors also g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -333,6 +334,24 @@ def _huge_floats(column: pa.ChunkedArray) -> bool:
     return False
 
 
+@functools.cache
+def _inference_sorts_struct_fields() -> bool:
+    """Whether pyarrow gives a struct inferred from Python dicts its fields in sorted order (pyarrow 21 does; 26
+    keeps the keys' order, as its JSON reader does): the bulk read then takes the order the row-by-row read gets."""
+    return pa.array([{"b": 0, "a": 0}]).type.field(0).name == "a"
+
+
+def _sorted_struct_fields(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_struct(kind):
+        fields = sorted((kind.field(i) for i in range(kind.num_fields)), key=lambda f: f.name)
+        return pa.struct([f.with_type(_sorted_struct_fields(f.type)) for f in fields])
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_sorted_struct_fields(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_sorted_struct_fields(kind.value_type)))
+    return kind
+
+
 # What json.dumps escapes in a string (ensure_ascii=False): control characters, quotes, backslashes.
 _NEEDS_ESCAPE = r'[\x00-\x1f"\\]'
 
@@ -497,6 +516,8 @@ def fast_jsonl(source, name: str, resolve, seen_ids: dict, *, only_source: bool)
         return None  # two objects on a line, or a string Arrow reads as a date
     if any(_huge_floats(table.column(i)) for i in range(table.num_columns)):
         return None
+    if _inference_sorts_struct_fields():
+        table = table.cast(pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in table.schema]))
     try:
         layout, tag = resolve(table.column_names, name)
     except DeitaHubError:
