@@ -61,24 +61,33 @@ def synthetic_pool(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
+def _config(args: argparse.Namespace, **settings):
+    """The TrainConfig of a measured child: the model, data, length and batch every variant shares."""
+    from deita_hub.training.config import TrainConfig
+
+    return TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        max_length=args.max_length,
+        per_device_train_batch_size=args.batch,
+        total_train_batch_size=args.batch,
+        **settings,
+    )
+
+
 def run_variant(args: argparse.Namespace) -> dict:
     """Child process: train `args.steps` steps of one variant, report tokens/s and peak memory."""
     import torch
     from transformers import TrainerCallback
 
-    from deita_hub.training.config import TrainConfig
     from deita_hub.training.trainer import build_trainer
 
     cuda = torch.cuda.is_available()
-    config = TrainConfig(
+    config = _config(
+        args,
         method=args.method,
-        model=args.model,
-        dataset=args.dataset,
-        dataset_config=args.dataset_config,
         output_dir=args.output_dir,
-        max_length=args.max_length,
-        per_device_train_batch_size=args.batch,
-        total_train_batch_size=args.batch,
         max_steps=args.steps,
         save_steps=10**9,
         logging_steps=1,
@@ -128,18 +137,9 @@ def run_startup(args: argparse.Namespace) -> dict:
     import datasets  # noqa: F401  (imports are not start-up work: done before the clock starts)
 
     from deita_hub.models import load_tokenizer
-    from deita_hub.training.config import TrainConfig
     from deita_hub.training.data import load_train_data, read_training_rows
 
-    config = TrainConfig(
-        model=args.model,
-        dataset=args.dataset,
-        dataset_config=args.dataset_config,
-        max_length=args.max_length,
-        per_device_train_batch_size=args.batch,
-        total_train_batch_size=args.batch,
-        tokenized_cache=STARTUP_VARIANTS[args.startup_variant],
-    )
+    config = _config(args, tokenized_cache=STARTUP_VARIANTS[args.startup_variant])
     tokenizer = load_tokenizer(args.tokenizer)  # the same with or without the cache: not timed
     start = time.perf_counter()
     rows = read_training_rows(config)
