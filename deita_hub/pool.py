@@ -18,10 +18,10 @@ import functools
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,101 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from deita_hub.conversations import CANONICAL_ROLES, SHAREGPT_ROLES, FormatSpec, to_conversation
+from deita_hub.conversations import (
+    CANONICAL_ROLES,
+    SHAREGPT_ROLES,
+    FormatSpec,
+    response_length,
+    to_conversation,
+)
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.hub import is_repo_id
 
 log = logging.getLogger(__name__)
 
 ON_INVALID = ("error", "skip")
+_ITERATION_ROWS = 8192  # conversations made into Python objects at a time when iterating
+_ROLE_NAMES = np.array(CANONICAL_ROLES, dtype=object)
+
+
+class ArrowConversations(Sequence):
+    """Canonical conversations held column-wise: every turn's content in one Arrow string array, its role as a code
+    into CANONICAL_ROLES, each conversation a range of turns. A conversation becomes Python dicts only when it is
+    read (`conversations[i]`, iteration), so a million-row pool costs Arrow memory, not a million lists of dicts;
+    the `longest` baseline's response lengths are computed on the columns."""
+
+    def __init__(self, contents: pa.Array | pa.ChunkedArray, codes: np.ndarray, offsets: np.ndarray):
+        self.contents = contents  # string, one per turn
+        self.codes = codes  # int8 per turn: CANONICAL_ROLES index
+        self.offsets = offsets  # int64 (rows + 1): conversation i is turns offsets[i]:offsets[i + 1]
+
+    @classmethod
+    def concat(cls, parts: Sequence[ArrowConversations]) -> ArrowConversations:
+        starts = np.cumsum([0] + [len(part.codes) for part in parts[:-1]])
+        return cls(
+            pa.chunked_array([c for part in parts for c in _chunks(part.contents)], pa.string()),
+            np.concatenate([part.codes for part in parts]),
+            np.concatenate(
+                [parts[0].offsets[:1]]
+                + [part.offsets[1:] + start for part, start in zip(parts, starts, strict=True)]
+            ),
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def _rows(self, first: int, stop: int) -> list[list[dict[str, str]]]:
+        a, b = int(self.offsets[first]), int(self.offsets[stop])
+        texts = self.contents.slice(a, b - a).to_pylist()
+        roles = _ROLE_NAMES[self.codes[a:b]].tolist()
+        turns = [{"role": r, "content": c} for r, c in zip(roles, texts, strict=True)]
+        bounds = (self.offsets[first : stop + 1] - a).tolist()
+        return [turns[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            first, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(first, stop, step)]
+            return self._rows(first, stop) if first < stop else []
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"conversation {index} of {len(self)}")
+        return self._rows(i, i + 1)[0]
+
+    def __iter__(self):
+        for first in range(0, len(self), _ITERATION_ROWS):
+            yield from self._rows(first, min(first + _ITERATION_ROWS, len(self)))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"ArrowConversations({len(self)} conversations, {len(self.codes)} turns)"
+
+    def response_lengths(self) -> np.ndarray:
+        """Assistant characters per conversation (`response_length` of each), int64."""
+        per_turn = pc.utf8_length(self.contents).to_numpy().astype(np.int64)
+        per_turn[self.codes != CANONICAL_ROLES.index("assistant")] = 0
+        totals = np.concatenate(([0], np.cumsum(per_turn)))
+        return totals[self.offsets[1:]] - totals[self.offsets[:-1]]
+
+
+def _chunks(array: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+
+
+def _joined(parts: list[Sequence]) -> Sequence:
+    """Per-source items as one sequence: column-wise conversations stay column-wise."""
+    if parts and all(isinstance(part, ArrowConversations) for part in parts):
+        return parts[0] if len(parts) == 1 else ArrowConversations.concat(parts)
+    return [item for part in parts for item in part]
 
 
 @dataclass
@@ -45,7 +133,7 @@ class Pool:
 
     source: str
     table: pa.Table  # original columns of the valid rows
-    conversations: list[list[dict[str, str]]]
+    conversations: Sequence[list[dict[str, str]]]  # a list, or ArrowConversations (read in bulk)
     rows: np.ndarray  # int64: position of each valid row in the (concatenated) source
     spec: FormatSpec  # resolved format of the (first) source
     fingerprint: str  # "sha256:<hex>" over the source bytes and each source's resolved format
@@ -54,6 +142,13 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.conversations)
+
+    @cached_property
+    def response_lengths(self) -> np.ndarray:
+        """Assistant characters per valid row (what the `longest` baseline ranks by), int64 (rows,)."""
+        if isinstance(self.conversations, ArrowConversations):
+            return self.conversations.response_lengths()
+        return np.fromiter(map(response_length, self.conversations), dtype=np.int64, count=len(self))
 
     @cached_property
     def conversations_fingerprint(self) -> str:
@@ -277,6 +372,30 @@ _CANONICAL = {"system": 0, "user": 1, "assistant": 2}
 _BLANK = "^[" + "".join(f"\\x{{{c:x}}}" for c in range(0x3001) if chr(c).isspace()) + "]*$"
 
 
+class _HashInBackground:
+    """A hashlib digest fed on another thread, one update pending at a time: hashlib releases the GIL for large
+    buffers, so hashing a large pool's bytes (~1 GB/s) overlaps the scan and the column checks instead of
+    adding to them. The caller must not change a buffer it has handed over."""
+
+    def __init__(self, digest):
+        self.digest = digest
+        self.thread: threading.Thread | None = None
+
+    def update(self, data) -> None:
+        self._wait()
+        self.thread = threading.Thread(target=self.digest.update, args=(data,), daemon=True)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self.digest.hexdigest()
+
+
 def _hash_and_scan(path: Path, digest) -> int | None:
     """Feed the file to `digest` (as `_hash_path` does) and count its lines when every line opens with "{" and
     holds at most `_BULK_MAX_OPENERS` "{"/"[" bytes (the lines Arrow's reader may be given); None otherwise."""
@@ -352,21 +471,42 @@ def _sorted_struct_fields(kind: pa.DataType) -> pa.DataType:
     return kind
 
 
-# What json.dumps escapes in a string (ensure_ascii=False): control characters, quotes, backslashes.
-_NEEDS_ESCAPE = r'[\x00-\x1f"\\]'
+# How json.dumps spells, inside a string's quotes, what it escapes (ensure_ascii=False): backslashes, quotes and
+# control characters, the ones without a short form as \u00XX.
+_JSON_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 # The constant pieces of a canonical line, then the turns' contents: `_fingerprint_lines` takes them in order.
 _PIECES = ["", ", ", "[", "]\n", '{"content": "'] + [f'", "role": "{role}"}}' for role in CANONICAL_ROLES]
 
 
-def _fingerprint_lines(contents: pa.Array, texts: list[str], codes: np.ndarray, lengths: np.ndarray):
+def _string_bytes(array: pa.Array) -> np.ndarray:
+    """The UTF-8 bytes of a string array's values, in order (a view)."""
+    _, offsets, data = array.buffers()
+    if data is None or not len(array):
+        return np.empty(0, dtype=np.uint8)
+    ends = np.frombuffer(offsets, dtype=np.int32)[array.offset : array.offset + len(array) + 1]
+    return np.frombuffer(data, dtype=np.uint8)[ends[0] : ends[-1]]
+
+
+def _json_escaped(contents: pa.Array) -> pa.Array:
+    """Each string as json.dumps spells it between its quotes (`encode_basestring(text)[1:-1]`), by Arrow: only
+    the characters present are replaced, the backslash first (a byte below 0x80 is never part of a longer UTF-8
+    character, so the bytes say which are present)."""
+    data = _string_bytes(contents)
+    present = [c for c in '\\"' if (data == ord(c)).any()]
+    present += [chr(c) for c in np.unique(data[data < 0x20])]
+    for char in present:
+        contents = pc.replace_substring(contents, char, _JSON_ESCAPES.get(char, f"\\u{ord(char):04x}"))
+    return contents
+
+
+def _fingerprint_lines(contents: pa.Array, codes: np.ndarray, lengths: np.ndarray):
     """The bytes `conversations_fingerprint` hashes for these conversations (`lengths[i]` turns each, contents
-    `contents` = `texts`, roles `CANONICAL_ROLES[codes]`): one `json.dumps(turns, ensure_ascii=False,
-    sort_keys=True)` line per conversation, assembled by Arrow around the contents json's own string encoder
-    spells (only where one needs escaping)."""
-    if pc.any(pc.match_substring_regex(contents, _NEEDS_ESCAPE)).as_py():
-        contents = pa.array([encode_basestring(text)[1:-1] for text in texts], pa.string())
+    `contents`, roles `CANONICAL_ROLES[codes]`): one `json.dumps(turns, ensure_ascii=False, sort_keys=True)` line
+    per conversation, assembled by Arrow around the contents json's own string encoder spells (only where one
+    needs escaping)."""
+    contents = _json_escaped(contents)
     # Per conversation "[", then per turn [", " but before the first] '{"content": "', content, '", "role": ..."}',
     # then "]\n": indices into _PIECES + contents, taken in that order (one copy, no per-turn Python).
     turns, rows = len(codes), len(lengths)
@@ -396,7 +536,7 @@ def _fingerprint_lines(contents: pa.Array, texts: list[str], codes: np.ndarray, 
     return memoryview(data)[ends[0] : ends[-1]]
 
 
-def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> list | None:
+def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Sequence | None:
     """ShareGPT/OpenAI turns -> canonical conversations, checked column-wise with `validate()`'s rules; None when
     any row breaks one (or the column is not a list of role/content strings): the row-by-row path then says which.
     `digest` is fed what `conversations_fingerprint` hashes for them."""
@@ -414,8 +554,7 @@ def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> li
     }
     if not (pa.types.is_string(fields.get(role_key)) and pa.types.is_string(fields.get(content_key))):
         return None
-    conversations: list = []
-    names = np.array(CANONICAL_ROLES, dtype=object)
+    conversations: list[ArrowConversations] = []
     for chunk in column.chunks:
         if chunk.null_count:
             return None
@@ -452,17 +591,13 @@ def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> li
         blank = pc.match_substring_regex(contents, _BLANK).to_numpy(zero_copy_only=False)
         if (blank & body).any():
             return None
-        texts = contents.to_pylist()
-        canonical = [{"role": r, "content": c} for r, c in zip(names[codes].tolist(), texts, strict=True)]
-        bounds = (offsets - offsets[0]).tolist()
-        chunk_conversations = [canonical[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         if digest is not None:
-            digest.update(_fingerprint_lines(contents, texts, codes, lengths))
-        conversations.extend(chunk_conversations)
-    return conversations
+            digest.update(_fingerprint_lines(contents, codes, lengths))
+        conversations.append(ArrowConversations(contents, codes, (offsets - offsets[0]).astype(np.int64)))
+    return _joined(conversations) if conversations else []
 
 
-def _conversations_in_bulk(table: pa.Table, spec: FormatSpec, digest) -> list | None:
+def _conversations_in_bulk(table: pa.Table, spec: FormatSpec, digest) -> Sequence | None:
     if spec.format in ("sharegpt", "openai") and spec.system_field is None:
         field_name = spec.conversations_field if spec.format == "sharegpt" else spec.messages_field
         return _turns_in_bulk(table.column(field_name), spec, digest)
@@ -504,7 +639,7 @@ def fast_jsonl(source, name: str, resolve, seen_ids: dict, *, only_source: bool)
         return None
     import pyarrow.json as pa_json
 
-    digest = hashlib.sha256()
+    digest = _HashInBackground(hashlib.sha256())
     lines = _hash_and_scan(path, digest)
     if lines is None:
         return None
@@ -522,7 +657,7 @@ def fast_jsonl(source, name: str, resolve, seen_ids: dict, *, only_source: bool)
         layout, tag = resolve(table.column_names, name)
     except DeitaHubError:
         return None  # the row-by-row path says it, after any bad line
-    spelled = hashlib.sha256()
+    spelled = _HashInBackground(hashlib.sha256())
     conversations = _conversations_in_bulk(table, layout, spelled)
     if conversations is None or not _ids_unique(table, name, seen_ids, only_source=only_source):
         return None
@@ -536,7 +671,7 @@ class SourceRows:
     """What `read_rows` gathers from a pool's sources: the valid rows, in source order."""
 
     tables: list[pa.Table]  # per source, its valid rows' original columns
-    items: list[Any]  # per valid row, what `convert` made of it
+    items: Sequence[Any]  # per valid row, what `convert` made of it
     rows: list[int]  # per valid row, its position in the concatenated sources
     invalid: list[dict[str, Any]]  # {"row","field","reason","source"} of each skipped row
     fingerprint: Any  # sha256 over each source's content and its resolved layout
@@ -560,7 +695,7 @@ def read_rows(
             raise exc.located(row=i, source=name) from None
         source_invalid.append({"row": i, "field": exc.field, "reason": exc.reason, "source": name})
 
-    tables, items, rows, invalid = [], [], [], []
+    tables, parts, rows, invalid = [], [], [], []  # parts: per source, its valid rows' items
     fingerprint = hashlib.sha256()
     resolved = None
     offset = 0
@@ -572,7 +707,7 @@ def read_rows(
             resolved = resolved if resolved is not None else layout
             fingerprint.update(part.encode())
             fingerprint.update(tag.encode())
-            items.extend(source_items)
+            parts.append(source_items)
             rows.extend(range(offset, offset + table.num_rows))
             tables.append(table)
             offset += table.num_rows
@@ -602,7 +737,7 @@ def read_rows(
         fingerprint.update(part.encode())
         fingerprint.update(tag.encode())
         bad_rows = {item["row"] for item in source_invalid}
-        keep = []
+        keep, source_items = [], []
         for i, record in enumerate(records):
             if i in bad_rows:
                 continue
@@ -611,9 +746,10 @@ def read_rows(
             except InvalidRecordError as exc:
                 reject(exc, i, name, source_invalid)
                 continue
-            items.append(item)
+            source_items.append(item)
             keep.append(i)
             rows.append(offset + i)
+        parts.append(source_items)
         if table is None:
             table = table_from_rows([records[i] for i in keep], name)
         elif len(keep) != len(records):
@@ -621,7 +757,7 @@ def read_rows(
         tables.append(table)
         invalid.extend(sorted(source_invalid, key=lambda item: item["row"]))
         offset += len(records)
-    return SourceRows(tables, items, rows, invalid, fingerprint, resolved, offset)
+    return SourceRows(tables, _joined(parts), rows, invalid, fingerprint, resolved, offset)
 
 
 def read_pool(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from deita_hub.conversations import response_length, to_sharegpt
+from deita_hub.conversations import to_sharegpt
 from deita_hub.embedding import load_embeddings
 from deita_hub.errors import DeitaHubError
 from deita_hub.io import SUFFIXES, write_rows
@@ -34,11 +34,6 @@ AUDIT_COLUMNS = (
 )
 
 
-def response_lengths(pool: Pool) -> np.ndarray:
-    """Assistant characters per valid row (what the `longest` baseline ranks by), int64 (rows,)."""
-    return np.fromiter((response_length(c) for c in pool.conversations), dtype=np.int64, count=len(pool))
-
-
 def select_subsets(
     subsets: tuple[SubsetSpec, ...],
     pool: Pool,
@@ -48,7 +43,7 @@ def select_subsets(
     progress: bool = True,
 ) -> dict[str, Selection]:
     """Every subset's selection. Deita subsets that differ only in budget share one walk (budget prefixes)."""
-    lengths = response_lengths(pool)
+    lengths = pool.response_lengths
     results: dict[str, Selection] = {}
     walks: dict[tuple, Selection] = {}
     for subset in sorted(subsets, key=lambda s: -s.selection.budget):
@@ -168,7 +163,7 @@ def run_select(
             source=pool.source,
             rows=pool.rows,
         )
-    lengths = response_lengths(pool)
+    lengths = pool.response_lengths
     selections = [
         (
             out if c is config else out.with_name(f"{out.stem}.{c.method}{out.suffix}"),

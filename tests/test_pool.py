@@ -275,3 +275,55 @@ def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
     reference = hashlib.sha256()
     pool_module._hash_path(path, reference)
     assert digest.hexdigest() == reference.hexdigest()
+
+
+def test_bulk_conversations_act_as_the_list_the_row_by_row_read_gives(tmp_path, monkeypatch):
+    """A bulk read keeps conversations as Arrow columns (no Python dicts per turn until one is read): indexing,
+    slices, iteration, response lengths, pickling and several sources must give what the list gives."""
+    import pickle
+
+    from deita_hub.conversations import response_length
+
+    # Non-ASCII and an emoji (lengths are characters, not bytes); ids dropped, as rows repeat.
+    rows = [{k: v for k, v in row.items() if k != "id"} for row in BULK_POOLS["openai"][0]] * 3
+    spec = BULK_POOLS["openai"][1]
+    paths = [write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "b.jsonl", rows[:2])]
+    exact = _row_by_row(monkeypatch, paths, spec)
+    monkeypatch.undo()
+    monkeypatch.setattr(pool_module, "_ITERATION_ROWS", 4)  # iteration crosses batch boundaries
+    bulk = read_pool(paths, spec)
+    conversations, expected = bulk.conversations, exact.conversations
+    assert isinstance(conversations, pool_module.ArrowConversations) and isinstance(expected, list)
+    assert len(conversations) == len(expected) == 8
+    assert list(conversations) == expected and conversations == expected
+    assert [conversations[i] for i in (0, 5, -1, -8)] == [expected[i] for i in (0, 5, -1, -8)]
+    for part in (slice(2, 7), slice(None, None, 3), slice(6, 2), slice(-3, None)):
+        assert conversations[part] == expected[part]
+    with pytest.raises(IndexError):
+        conversations[8]
+    assert bulk.response_lengths.tolist() == [response_length(c) for c in expected]
+    assert bulk.response_lengths.tolist() == exact.response_lengths.tolist()
+    assert pickle.loads(pickle.dumps(conversations)) == expected
+    # A source the row-by-row path reads (JSON, not JSONL) joins as a plain list, in order.
+    mixed = [paths[0], tmp_path / "c.json"]
+    mixed[1].write_text(json.dumps(rows[:1]))
+    joined = read_pool(mixed, spec).conversations
+    assert isinstance(joined, list) and joined == expected[:6] + expected[:1]
+
+
+def test_arrow_json_escaping_spells_strings_as_json_dumps():
+    """The bulk read's conversations fingerprint spells contents as json.dumps does (ensure_ascii=False): every
+    ASCII character, alone and next to others, and characters json leaves as they are."""
+    from json.encoder import encode_basestring
+
+    texts = [chr(c) for c in range(128)] + [
+        "".join(map(chr, range(128))),
+        'a\\"b\\\\n\n',
+        "\u2028\U0001f600é\x7f",
+        "",
+    ]
+    escaped = pool_module._json_escaped(pa.array(texts, pa.string())).to_pylist()
+    assert escaped == [encode_basestring(text)[1:-1] for text in texts]
+    sliced = pa.array(["x", '"q"\n', "y"], pa.string()).slice(1, 1)  # the bytes of the slice only
+    assert pool_module._json_escaped(sliced).to_pylist() == ['\\"q\\"\\n']
+    assert pool_module._json_escaped(pa.array(["plain"], pa.string())).to_pylist() == ["plain"]

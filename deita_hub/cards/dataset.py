@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deita_hub.cards.templates import render_template
-from deita_hub.conversations import response_length
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -63,7 +62,7 @@ def plot_scores(path: Path, scores: np.ndarray | None, pool: Pool, selections: d
         values, label = scores, "evol score (Σ complexity × quality)"
         title = "Evol score: pool vs selected subsets"
     else:
-        values = np.array([response_length(c) for c in pool.conversations], dtype=np.float64)
+        values = pool.response_lengths.astype(np.float64)
         label = "assistant characters per conversation"
         title = "Response length: pool vs selected subsets"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
