@@ -652,7 +652,12 @@ def fast_jsonl(source, name: str, resolve, seen_ids: dict, *, only_source: bool)
     if any(_huge_floats(table.column(i)) for i in range(table.num_columns)):
         return None
     if _inference_sorts_struct_fields():
-        table = table.cast(pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in table.schema]))
+        schema = pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in table.schema])
+        if schema != table.schema:
+            try:
+                table = table.cast(schema)
+            except pa.lib.ArrowException:
+                return None  # pyarrow 21 cannot cast some inferred types (a list of nulls): read row by row
     try:
         layout, tag = resolve(table.column_names, name)
     except DeitaHubError:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deita_hub.config import load, read_mapping
@@ -86,6 +86,8 @@ def test_pool_reader_on_arbitrary_bytes(tmp_path, suffix, data):
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 @SETTINGS
 @given(rows=st.lists(row_like, max_size=5) | json_values)
+# Found at the floors: pyarrow 21 could not cast the list of nulls Arrow's JSON reader inferred.
+@example(rows={"": [None, None]})
 def test_pool_reader_on_arbitrary_json(tmp_path, suffix, rows):
     folder = Folder(tmp_path)
     path = folder.path / f"pool{suffix}"
