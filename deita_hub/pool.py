@@ -530,10 +530,7 @@ def _fingerprint_lines(contents: pa.Array, codes: np.ndarray, lengths: np.ndarra
     order[starts + 4 * lengths + 1] = 3
     at = (4 * np.arange(turns) + 2 * row_of_turn + 1)[:, None] + np.arange(4)
     order[at.ravel()] = per_turn.ravel()
-    taken = pa.concat_arrays([pa.array(_PIECES, pa.string()), contents]).take(pa.array(order))
-    _, offsets, data = taken.buffers()
-    ends = np.frombuffer(offsets, dtype=np.int32)[taken.offset : taken.offset + len(taken) + 1]
-    return memoryview(data)[ends[0] : ends[-1]]
+    return _string_bytes(pa.concat_arrays([pa.array(_PIECES, pa.string()), contents]).take(pa.array(order)))
 
 
 def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Sequence | None:
