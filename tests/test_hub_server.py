@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from urllib.parse import quote
 
 import pytest
@@ -313,6 +314,21 @@ def test_fault_injection(server):
     assert call(server, "DELETE", "/_admin/faults")[0] == 200 and server.faults == []
     log = json.loads(call(server, "GET", "/_admin/requests")[2])
     assert [r["status"] for r in log if r["endpoint"] == "commit"] == [429, 429, 200, 0, 503]
+
+
+def test_a_request_is_in_the_log_by_the_time_its_answer_arrives(server, monkeypatch):
+    # A server thread preempted between answering and logging (a busy CI machine) is played by a slow log
+    # write: a test that reads the log right after its client's answer must still find the request there.
+    log_request = server._log_request
+
+    def slow_log_request(*args):
+        time.sleep(0.5)
+        return log_request(*args)
+
+    monkeypatch.setattr(server, "_log_request", slow_log_request)
+    status, _, _ = call(server, "GET", "/api/datasets/org/no-such-repo")
+    assert status == 404
+    assert [(r["endpoint"], r["status"]) for r in server.requests] == [("repo_info", 404)]
 
 
 def test_server_runs_as_a_module(tmp_path):

@@ -513,13 +513,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch_request(self) -> None:
         self._body: bytes | None = None
+        self._logged: dict | None = None
+        self._log_as: tuple[str, str, str | None] | None = None  # (path, endpoint, repo id) once routed
         method = self.command
         split = urlsplit(self.path)
         self.query = parse_qs(split.query)
         status, endpoint, route = 500, "unknown", None
+        self._log_as = (split.path, endpoint, None)
         try:
             route = self._route(method, split.path)
             endpoint = route.endpoint
+            self._log_as = (split.path, endpoint, route.repo_id)
             if endpoint == "admin":
                 response = self._admin(method, route)
                 self._send(response)
@@ -556,8 +560,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._read_body_quietly()
             self._send_quietly(_json({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500))
         finally:
-            if endpoint != "admin":
-                self.hub._log_request(method, split.path, endpoint, status, route.repo_id if route else None)
+            self._log(status)  # a dropped connection, or the final status of an answer logged as it went out
 
     def _send_quietly(self, response: Response) -> None:
         """Send an error answer to a client that may have given up already (a late answer after a delay)."""
@@ -591,7 +594,19 @@ class _Handler(BaseHTTPRequestHandler):
             return response.status
         return None
 
+    def _log(self, status: int) -> None:
+        """Log this request, or correct the status of its entry (an answer the client did not take)."""
+        path, endpoint, repo_id = self._log_as
+        if endpoint == "admin":
+            return
+        if self._logged is None:
+            self._logged = self.hub._log_request(self.command, path, endpoint, status, repo_id)
+        else:
+            self._logged["status"] = status
+
     def _send(self, response: Response) -> None:
+        # Logged before the first byte goes out: a client that has its answer finds its request in the log.
+        self._log(response.status)
         body_len = (response.end - response.start) if response.file is not None else len(response.body)
         self.send_response(response.status)
         for key, value in response.headers.items():
@@ -1258,18 +1273,18 @@ class HubServer:
                     return fault
         return None
 
-    def _log_request(self, method: str, path: str, endpoint: str, status: int, repo_id: str | None) -> None:
+    def _log_request(self, method: str, path: str, endpoint: str, status: int, repo_id: str | None) -> dict:
+        entry = {
+            "method": method,
+            "path": path,
+            "endpoint": endpoint,
+            "status": status,
+            "repo_id": repo_id,
+            "time": time.time(),  # when the answer went out (or the connection was dropped)
+        }
         with self._lock:
-            self.requests.append(
-                {
-                    "method": method,
-                    "path": path,
-                    "endpoint": endpoint,
-                    "status": status,
-                    "repo_id": repo_id,
-                    "time": time.time(),  # when the answer went out (or the connection was dropped)
-                }
-            )
+            self.requests.append(entry)
+        return entry
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no request is being handled (e.g. one stalled by a delay fault after its client gave up)."""
