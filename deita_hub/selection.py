@@ -18,10 +18,12 @@ BLAS, the block size or the precision.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -39,8 +41,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Largest error we allow a fast similarity to have before an fp32 -> fp64 recheck decides: fp32 dot products of
 # unit vectors err by ~1e-6 at d=4096; bf16 moves cosines by up to ~0.008 and fp16 by ~0.001 (measured on
 # Mistral embeddings), so the bands are about twice those. float32 walks multiply raw rows and divide each product
-# by the row's norm after it (x.s / |x| instead of (x / |x|).s): that differs from the unit-row product by the
-# roundings of the division and of the unit row's elements, a few 1e-7 at most, far inside the float32 band.
+# by the row's norm after it (x.s / |x| instead of (x / |x|).s, |x| summed in one pass): that differs from the
+# unit-row product by the roundings of the division, of the norm and of the unit row's elements, a few 1e-7 at
+# most, far inside the float32 band.
 BANDS = {"float32": 2e-4, "bfloat16": 0.016, "float16": 0.004}
 # The short spellings earlier releases took (`precision: bf16`), still accepted.
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -289,51 +292,117 @@ def _torch_for_casts(embeddings: np.ndarray):
 
 
 def _to_float32(raw: np.ndarray, out: np.ndarray, torch=None) -> None:
-    """`raw` (float16/32) into float32 `out`; with `torch`, in torch on one thread (its default thread pool would
-    contend with the BLAS threads the walk's products run on), restoring torch's thread count after."""
+    """`raw` (float16/32) into float32 `out`; with `torch`, in torch (the caller keeps torch on one thread: the
+    walk's own threads split the rows)."""
     if torch is None or raw.dtype != np.float16:
         np.copyto(out, raw)
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.from_numpy(out).copy_(torch.from_numpy(raw))
-    finally:
-        torch.set_num_threads(threads)
+    torch.from_numpy(out).copy_(torch.from_numpy(raw))
 
 
-def _rows_and_norms(
-    raw: np.ndarray, positions: np.ndarray, out: np.ndarray, scratch: np.ndarray, torch=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """`raw` rows (float16/32) as float32 in the first rows of `out`, and their L2 norms (float32). The norms are
-    np.linalg.norm's own arithmetic (squares, add.reduce along the row, sqrt), without its copy of the block: a
-    few rows at a time, so the squares stay in cache (`scratch`: that many rows)."""
-    block = out[: len(raw)]
-    if raw.ctypes.data != block.ctypes.data:  # float32 rows were read into `out` itself
-        _to_float32(raw, block, torch)
-    norms = np.empty(len(raw), dtype=np.float32)
-    step = len(scratch)
-    for lo in range(0, len(raw), step):
-        part = block[lo : lo + step]
-        np.add.reduce(np.multiply(part, part, out=scratch[: len(part)]), axis=1, out=norms[lo : lo + step])
-    np.sqrt(norms, out=norms)
+def _exact_norms(rows: np.ndarray, squares: np.ndarray | None = None) -> np.ndarray:
+    """The L2 norms of float32 `rows` by np.linalg.norm's own arithmetic (squares, add.reduce along the row,
+    sqrt), so the unit rows are Deita's to the bit; without its copy of all the rows: a few at a time, so the
+    squares stay in cache (`squares`: that many rows)."""
+    if squares is None:
+        squares = np.empty((max(1, min(NORM_ROWS, len(rows))), rows.shape[1]), dtype=np.float32)
+    norms = np.empty(len(rows), dtype=np.float32)
+    step = len(squares)
+    for lo in range(0, len(rows), step):
+        part = rows[lo : lo + step]
+        np.add.reduce(np.multiply(part, part, out=squares[: len(part)]), axis=1, out=norms[lo : lo + step])
+    return np.sqrt(norms, out=norms)
+
+
+def _filter_norms(rows: np.ndarray, out: np.ndarray) -> None:
+    """The L2 norms of float32 `rows` into `out`, in one pass (einsum): another summation order than
+    `_exact_norms`, a few float32 roundings apart, so only for dividing products the band already allows for."""
+    np.einsum("ij,ij->i", rows, rows, out=out)
+    np.sqrt(out, out=out)
+
+
+def _check_norms(norms: np.ndarray, positions: np.ndarray) -> None:
     bad = ~np.isfinite(norms) | (norms == 0)
     if bad.any():
         row = int(positions[np.flatnonzero(bad)[0]])
         raise DeitaHubError(f"embedding row {row} is zero or not finite; it has no direction to compare")
-    return block, norms
 
 
-GATHER_ROWS = 64  # rows gathered at a time for rowwise dot products (1 MiB at d=4096)
+PRODUCT_ROWS = 64  # the fewest rows a share of a matrix product gets
+# Rows a thread takes from the file to the sketch's guess at a time (their sketch product with 8K selected rows:
+# 8 MiB, still in the last-level cache for its argmax; fewer rows make the products less efficient).
+CHUNK_ROWS = 256
 
 
-def _rowwise_dots(rows: np.ndarray, selected: np.ndarray, which: np.ndarray) -> np.ndarray:
-    """rows[i] . selected[which[i]] for every i, gathered a few rows at a time (the gathered rows stay in cache)."""
-    out = np.empty(len(rows), dtype=np.float32)
-    for lo in range(0, len(rows), GATHER_ROWS):
-        part = slice(lo, lo + GATHER_ROWS)
-        np.einsum("ij,ij->i", rows[part], selected[which[part]], out=out[part])
-    return out
+def _cores() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _blas_threads(count: int):
+    """A context in which numpy's BLAS runs each product on `count` threads."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(count, user_api="blas")
+
+
+class _RowThreads:
+    """The walk's work split over the CPU's cores, one contiguous share of the rows each: the calling thread takes
+    the first share, helper threads the others; the float32 matrix products too, each share on one BLAS thread.
+
+    One set of threads for everything, so nothing runs beside a product: a thread beside a multi-threaded BLAS
+    product takes a core from it and the product waits for its slowest share, and BLAS's own threads spin for a
+    while after each product, taking a core from whatever runs next (measured on 2 cores: a reader thread made the
+    walk's products 1.5-2.5x slower, and splitting the row-wise steps gained nothing while BLAS threads spun)."""
+
+    def __init__(self, threads: int, initializer=None):
+        self.threads = max(1, threads)
+        self.pool = (
+            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="deita-select", initializer=initializer)
+            if self.threads > 1
+            else None
+        )
+        self.local = threading.local()
+
+    def run(self, step, n: int, min_rows: int = 64) -> None:
+        """`step(lo, hi)` over [0, n) in contiguous shares (one share when n is small)."""
+        shares = min(self.threads, max(1, n // min_rows))
+        if shares == 1:
+            step(0, n)
+            return
+        bounds = [n * i // shares for i in range(shares + 1)]
+        futures = [self.pool.submit(step, bounds[i], bounds[i + 1]) for i in range(1, shares)]
+        try:
+            step(bounds[0], bounds[1])
+        finally:
+            for future in futures:
+                future.result()
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of `shape` for the calling thread alone, reused from call to call."""
+        size = int(np.prod(shape))
+        flat = getattr(self.local, name, None)
+        if flat is None or len(flat) < size:
+            flat = np.empty(size, dtype=np.float32)
+            setattr(self.local, name, flat)
+        return flat[:size].reshape(shape)
+
+    def product(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a @ b.T in float32, split by the rows of `a`, or by those of `b` when `a` has too few to share."""
+        if len(a) >= self.threads * PRODUCT_ROWS or len(b) < len(a):
+            out = np.empty((len(a), len(b)), dtype=np.float32)
+            self.run(lambda lo, hi: np.matmul(a[lo:hi], b.T, out=out[lo:hi]), len(a), PRODUCT_ROWS)
+            return out
+        out_t = np.empty((len(b), len(a)), dtype=np.float32)  # each share writes whole rows of the transpose
+        self.run(lambda lo, hi: np.matmul(b[lo:hi], a.T, out=out_t[lo:hi]), len(b), PRODUCT_ROWS)
+        return out_t.T
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _RowReader:
@@ -408,15 +477,17 @@ class _Matmul:
         if self.selected_fast is not None:
             self.selected_fast[k : k + len(rows)] = self.torch.from_numpy(rows).to(self.device, self.dtype)
 
-    def against_selected(self, block: np.ndarray, selected: np.ndarray, k: int) -> np.ndarray:
+    def against_selected(
+        self, block: np.ndarray, selected: np.ndarray, k: int, threads: _RowThreads
+    ) -> np.ndarray:
         if self.selected_fast is None:
-            return block @ selected[:k].T
+            return threads.product(block, selected[:k])
         fast_block = self.torch.from_numpy(block).to(self.device, self.dtype)
         return (fast_block @ self.selected_fast[:k].T).float().cpu().numpy()
 
-    def gram(self, rows: np.ndarray) -> np.ndarray:
+    def gram(self, rows: np.ndarray, threads: _RowThreads) -> np.ndarray:
         if self.selected_fast is None:
-            return rows @ rows.T
+            return threads.product(rows, rows)
         fast = self.torch.from_numpy(rows).to(self.device, self.dtype)
         return (fast @ fast.T).float().cpu().numpy()
 
@@ -460,8 +531,24 @@ class _Sketch:
     def add(self, k: int, rows: np.ndarray) -> None:
         self.selected[k : k + len(rows)] = rows @ self.projection
 
-    def guess(self, block: np.ndarray, k: int) -> np.ndarray:
-        return ((block @ self.projection) @ self.selected[:k].T).argmax(axis=1)
+    def guess(
+        self,
+        rows: np.ndarray,
+        selected: np.ndarray,
+        k: int,
+        threads: _RowThreads,
+        guess: np.ndarray,
+        dots: np.ndarray,
+    ) -> None:
+        """For each of a few `rows`: into `guess`, the selected row its sketch is nearest (an argmax per row, blind
+        to the row's scale), and into `dots` the row's real dot product with that selected row. On the calling
+        thread, with its buffers: the sketch product is still in cache for its argmax."""
+        sketched = np.matmul(rows, self.projection, out=threads.buffer("sketched", (len(rows), SKETCH_WIDTH)))
+        product = np.matmul(
+            sketched, self.selected[:k].T, out=threads.buffer("sketch_product", (len(rows), k))
+        )
+        np.argmax(product, axis=1, out=guess)
+        np.einsum("ij,ij->i", rows, selected[guess], out=dots)
 
 
 def deita_select(
@@ -485,27 +572,25 @@ def deita_select(
     nearest_sim = np.full(budget, np.nan, dtype=np.float64)
     fast = _Matmul(config.dtype, config.device, dim, budget)
     scanned_at = np.zeros(budget, dtype=np.int64)
-    k = rechecked = sketch_rejected = 0
     products: list[tuple[int, int, int]] = []
     reader = _RowReader(embeddings)
-    # Two sets of block buffers for the whole walk: a thread reads and converts the next block into one while the
-    # walk decides the block in the other (its rows are copied out before that set is read into again).
     rows_per_block = min(config.block_size, n)
-    buffers = []
-    for _ in range(2):
-        row_buffer = np.empty((rows_per_block, dim), dtype=np.float32)
-        raw_buffer = (
-            row_buffer if embeddings.dtype == np.float32 else np.empty_like(row_buffer, embeddings.dtype)
-        )
-        scratch = np.empty((min(NORM_ROWS, rows_per_block), dim), dtype=np.float32)
-        buffers.append((raw_buffer, row_buffer, scratch))
+    row_buffer = np.empty((rows_per_block, dim), dtype=np.float32)  # the block being decided, as float32
+    raw_buffer = row_buffer if embeddings.dtype == np.float32 else np.empty_like(row_buffer, embeddings.dtype)
     sketch = _Sketch(dim, budget) if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH else None
     # float32 products multiply the rows as read and divide each row's *result* by its norm (a number per
-    # candidate instead of a division per element); only candidates that survive the products are made unit
-    # rows. Half precision needs unit rows first (a raw row may not fit in float16), so the norms become 1 there
-    # (x / 1 is x: the arithmetic below is the same either way).
+    # candidate instead of a division per element; a one-pass norm, as the band allows); only candidates that
+    # survive the products are made unit rows, with np.linalg.norm's arithmetic. Half precision needs unit rows
+    # first (a raw row may not fit in float16), so the norms become 1 there (x / 1 is x: the arithmetic below is
+    # the same either way).
     late = fast.selected_fast is None
     torch = _torch_for_casts(embeddings) if late else None
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    # torch's casts run on the calling thread only: the walk's threads split the rows.
+    one_torch_thread = (lambda: torch.set_num_threads(1)) if torch is not None else None
+    threads = _RowThreads(_cores(), initializer=one_torch_thread)
+    if one_torch_thread:
+        one_torch_thread()
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return b.astype(np.float64) @ a.astype(np.float64)
@@ -514,107 +599,137 @@ def deita_select(
 
     bar = tqdm(total=budget, unit="row", desc="select", disable=not progress)
 
-    def load(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Block `start`: its positions, its rows as float32 and their norms (in buffer set `start`'s parity)."""
-        raw_buffer, row_buffer, scratch = buffers[start // config.block_size % 2]
+    def load(start: int, sketch_k: int) -> tuple[np.ndarray, ...]:
+        """Block `start`: its positions, its rows as float32, their norms and, when `sketch_k` (the selected rows to
+        guess among), each row's guess and its dot product with it. Each thread takes a share of the rows, a few
+        at a time from the file to the guess, so the rows are still in cache for each next step."""
         block_pos = order[start : start + config.block_size]
-        raw = reader.read(block_pos, raw_buffer)
-        return (block_pos, *_rows_and_norms(raw, block_pos, row_buffer, scratch, torch))
+        m = len(block_pos)
+        raw, block = raw_buffer[:m], row_buffer[:m]
+        norms = np.empty(m, dtype=np.float32)
+        guess = np.empty(m, dtype=np.intp) if sketch_k else None
+        guess_dots = np.empty(m, dtype=np.float32) if sketch_k else None
 
-    reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deita-select-read")
-    next_block = reading.submit(load, 0)
-    for start in range(0, n, config.block_size):
-        if k == budget:
-            break
-        block_pos, block, norms = next_block.result()
-        if start + config.block_size < n:  # pread, numpy and torch release the GIL: this overlaps the walk
-            next_block = reading.submit(load, start + config.block_size)
-        if not late:
-            block /= norms[:, None]
-            norms[:] = 1
-        best = np.full(len(block), -1)
-        best_sim = np.full(len(block), -np.inf)
-        sims, sims_row = None, None
-        if k:
-            full = np.arange(len(block))
-            if sketch is not None and k >= SKETCH_MIN_SELECTED and sketch.worth_trying():
-                # Most candidates of a redundant pool are rejected by one selected row: guess it from the sketch,
-                # confirm with the real product, and send only the unconfirmed rows through the full product.
-                guess = sketch.guess(block, k)  # an argmax per row: blind to the row's scale
-                products += [(len(block), SKETCH_WIDTH, dim), (len(block), k, SKETCH_WIDTH)]
-                guess_sim = _rowwise_dots(block, selected, guess) / norms
-                confirmed = guess_sim > threshold + band
-                best[confirmed], best_sim[confirmed] = guess[confirmed], guess_sim[confirmed]
-                full = np.flatnonzero(~confirmed)
-                sketch_rejected += int(confirmed.sum())
-                sketch.record(hit_rate=float(confirmed.mean()))
-            sims = fast.against_selected(block[full], selected, k)  # [len(full), k], rows not yet divided
-            products.append((len(full), k, dim))
-            sims_row = np.full(len(block), -1)
-            sims_row[full] = np.arange(len(full))
-            if len(full):
-                top = sims.argmax(axis=1)  # blind to the row's scale too
-                best[full], best_sim[full] = top, sims[np.arange(len(full)), top] / norms[full]
-        alive = best_sim <= threshold + band
-        # The candidates still in the running, as unit rows (each element divided by its row's norm: the same
-        # float32 unit rows as dividing the whole block); `unit[slot[i]]` is candidate i.
-        candidates = np.flatnonzero(alive)
-        unit = np.divide(block[candidates], norms[candidates, None])
-        slot = np.full(len(block), -1)
-        slot[candidates] = np.arange(len(candidates))
-        # Near the threshold the fast value cannot decide: recompute the close pairs in float64.
-        for i in np.flatnonzero(alive & (best_sim > threshold - band)):
-            close = np.flatnonzero(sims[sims_row[i]] / norms[i] > threshold - band)
-            rechecked += 1
-            if (exact(unit[slot[i]], selected[close]) > threshold).any():
-                alive[i] = False
-        survivors = np.flatnonzero(alive)
-        survivor_rows = unit[slot[survivors]]
-        gram = fast.gram(survivor_rows) if len(survivors) > 1 else None
-        if gram is not None:
-            products.append((len(survivors), len(survivors), dim))
-        accepted = np.empty(len(survivors), dtype=np.int64)  # indices into `survivors` accepted so far
-        n_accepted = 0
-        for s, i in enumerate(survivors):
+        def load_share(first: int, end: int) -> None:
+            for lo in range(first, end, CHUNK_ROWS):
+                part = slice(lo, min(lo + CHUNK_ROWS, end))
+                reader.read(block_pos[part], raw[part])
+                if raw_buffer is not row_buffer:
+                    _to_float32(raw[part], block[part], torch)
+                if late:  # the products' filter; the rows made unit rows get exact norms
+                    _filter_norms(block[part], norms[part])
+                else:  # the whole block becomes unit rows
+                    norms[part] = _exact_norms(block[part], threads.buffer("squares", (NORM_ROWS, dim)))
+                if sketch_k:
+                    sketch.guess(block[part], selected, sketch_k, threads, guess[part], guess_dots[part])
+
+        threads.run(load_share, m)
+        _check_norms(norms, block_pos)
+        return block_pos, block, norms, guess, guess_dots
+
+    def walk() -> tuple[int, int, int]:
+        k = rechecked = sketch_rejected = 0
+        for start in range(0, n, config.block_size):
             if k == budget:
                 break
-            in_block_best, in_block_sim = -1, -np.inf
-            if n_accepted:
-                earlier = accepted[:n_accepted]
-                row_sims = gram[s, earlier]
-                j = int(row_sims.argmax())
-                if row_sims[j] > threshold + band:
-                    continue
-                if row_sims[j] > threshold - band:
-                    close = earlier[row_sims > threshold - band]
-                    rechecked += 1
-                    if (exact(survivor_rows[s], survivor_rows[close]) > threshold).any():
+            sketching = sketch is not None and k >= SKETCH_MIN_SELECTED and sketch.worth_trying()
+            block_pos, block, norms, guess, guess_dots = load(start, k if sketching else 0)
+            if not late:
+                block /= norms[:, None]
+                norms[:] = 1
+            best = np.full(len(block), -1)
+            best_sim = np.full(len(block), -np.inf)
+            sims, sims_row = None, None
+            if k:
+                full = np.arange(len(block))
+                if sketching:
+                    # Most candidates of a redundant pool are rejected by one selected row: guess it from the sketch,
+                    # confirm with the real product, and send only the unconfirmed rows through the full product.
+                    products.extend([(len(block), SKETCH_WIDTH, dim), (len(block), k, SKETCH_WIDTH)])
+                    guess_sim = guess_dots / norms
+                    confirmed = guess_sim > threshold + band
+                    best[confirmed], best_sim[confirmed] = guess[confirmed], guess_sim[confirmed]
+                    full = np.flatnonzero(~confirmed)
+                    sketch_rejected += int(confirmed.sum())
+                    sketch.record(hit_rate=float(confirmed.mean()))
+                sims = fast.against_selected(
+                    block[full], selected, k, threads
+                )  # [len(full), k], rows not yet divided
+                products.append((len(full), k, dim))
+                sims_row = np.full(len(block), -1)
+                sims_row[full] = np.arange(len(full))
+                if len(full):
+                    top = sims.argmax(axis=1)  # blind to the row's scale too
+                    best[full], best_sim[full] = top, sims[np.arange(len(full)), top] / norms[full]
+            alive = best_sim <= threshold + band
+            # The candidates still in the running, as unit rows (each element divided by its row's norm: the same
+            # float32 unit rows as dividing the whole block); `unit[slot[i]]` is candidate i.
+            candidates = np.flatnonzero(alive)
+            unit = block[candidates]
+            unit /= _exact_norms(unit)[:, None] if late else norms[candidates, None]
+            slot = np.full(len(block), -1)
+            slot[candidates] = np.arange(len(candidates))
+            # Near the threshold the fast value cannot decide: recompute the close pairs in float64.
+            for i in np.flatnonzero(alive & (best_sim > threshold - band)):
+                close = np.flatnonzero(sims[sims_row[i]] / norms[i] > threshold - band)
+                rechecked += 1
+                if (exact(unit[slot[i]], selected[close]) > threshold).any():
+                    alive[i] = False
+            survivors = np.flatnonzero(alive)
+            survivor_rows = unit[slot[survivors]]
+            gram = fast.gram(survivor_rows, threads) if len(survivors) > 1 else None
+            if gram is not None:
+                products.append((len(survivors), len(survivors), dim))
+            accepted = np.empty(len(survivors), dtype=np.int64)  # indices into `survivors` accepted so far
+            n_accepted = 0
+            for s, i in enumerate(survivors):
+                if k == budget:
+                    break
+                in_block_best, in_block_sim = -1, -np.inf
+                if n_accepted:
+                    earlier = accepted[:n_accepted]
+                    row_sims = gram[s, earlier]
+                    j = int(row_sims.argmax())
+                    if row_sims[j] > threshold + band:
                         continue
-                in_block_best, in_block_sim = int(earlier[j]), float(row_sims[j])
-            # Accepted: record the nearest earlier-selected row (exact similarity) for the audit columns.
-            if k and (sims is not None) and best_sim[i] >= in_block_sim:
-                nearest[k] = positions[best[i]]
-                nearest_sim[k] = float(exact(survivor_rows[s], selected[best[i] : best[i] + 1])[0])
-            elif in_block_best >= 0:
-                nearest[k] = block_pos[survivors[in_block_best]]
-                nearest_sim[k] = float(
-                    exact(survivor_rows[s], survivor_rows[in_block_best : in_block_best + 1])[0]
-                )
-            accepted[n_accepted] = s
-            n_accepted += 1
-            selected[k] = survivor_rows[s]
-            positions[k] = block_pos[i]
-            scanned_at[k] = start + int(i) + 1
-            k += 1
-        if n_accepted:
-            new_rows = survivor_rows[accepted[:n_accepted]]
-            fast.add(k - n_accepted, new_rows)
-            if sketch is not None:
-                sketch.add(k - n_accepted, new_rows)
-                products.append((n_accepted, SKETCH_WIDTH, dim))
-            bar.update(n_accepted)
-    reading.shutdown(wait=True, cancel_futures=True)
-    bar.close()
+                    if row_sims[j] > threshold - band:
+                        close = earlier[row_sims > threshold - band]
+                        rechecked += 1
+                        if (exact(survivor_rows[s], survivor_rows[close]) > threshold).any():
+                            continue
+                    in_block_best, in_block_sim = int(earlier[j]), float(row_sims[j])
+                # Accepted: record the nearest earlier-selected row (exact similarity) for the audit columns.
+                if k and (sims is not None) and best_sim[i] >= in_block_sim:
+                    nearest[k] = positions[best[i]]
+                    nearest_sim[k] = float(exact(survivor_rows[s], selected[best[i] : best[i] + 1])[0])
+                elif in_block_best >= 0:
+                    nearest[k] = block_pos[survivors[in_block_best]]
+                    nearest_sim[k] = float(
+                        exact(survivor_rows[s], survivor_rows[in_block_best : in_block_best + 1])[0]
+                    )
+                accepted[n_accepted] = s
+                n_accepted += 1
+                selected[k] = survivor_rows[s]
+                positions[k] = block_pos[i]
+                scanned_at[k] = start + int(i) + 1
+                k += 1
+            if n_accepted:
+                new_rows = survivor_rows[accepted[:n_accepted]]
+                fast.add(k - n_accepted, new_rows)
+                if sketch is not None:
+                    sketch.add(k - n_accepted, new_rows)
+                    products.append((n_accepted, SKETCH_WIDTH, dim))
+                bar.update(n_accepted)
+        return k, rechecked, sketch_rejected
+
+    try:
+        with _blas_threads(1) if threads.threads > 1 else contextlib.nullcontext():
+            k, rechecked, sketch_rejected = walk()
+    finally:
+        threads.close()
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+        bar.close()
     scanned = int(scanned_at[k - 1]) if k == budget else n
     stats = {
         "selected": k,

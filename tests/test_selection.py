@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from deita_hub import selection
 from deita_hub.errors import DeitaHubError
 from deita_hub.selection import SelectionConfig, _RowReader, deita_select, evol_scores, select
 
@@ -221,20 +222,35 @@ def test_real_pool_embedded_with_minilm_matches_reference():
     assert len(reference_select(emb, scores, 100, 0.8)) < 100  # templated near-duplicates are rejected
 
 
-def test_sketch_path_is_exact_on_wide_redundant_data():
-    """Wide vectors and >256 selected rows switch on the random-projection guess; decisions must not change."""
+@pytest.mark.parametrize("cores", [1, 3])
+def test_sketch_path_is_exact_on_wide_redundant_data(cores, monkeypatch):
+    """Wide vectors and >256 selected rows switch on the random-projection guess; decisions must not change,
+    whether one thread walks or three split every block's rows and products (unevenly: 512 / 3)."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    monkeypatch.setattr(selection, "_cores", lambda: cores)
     rng = np.random.default_rng(5)
     n, dim, clusters = 1400, 512, 400
     centres = rng.normal(size=(clusters, dim))
     emb = (centres[rng.integers(0, clusters, n)] + rng.normal(scale=0.3, size=(n, dim))).astype(np.float32)
     scores = rng.integers(0, 5, n).astype(np.float64)
-    for max_similarity in (0.85, 0.9):
-        expected = reference_select(emb, scores, 1000, max_similarity)
+    blas_threads = [pool["num_threads"] for pool in threadpool_info()]
+    torch_threads = torch.get_num_threads()
+    for max_similarity, block_size, rows in (
+        (0.85, 128, emb),
+        (0.9, 512, emb),
+        (0.9, 512, emb.astype(np.float16)),
+    ):
+        expected = reference_select(rows, scores, 1000, max_similarity)
         got = deita_select(
-            emb, scores, SelectionConfig(budget=1000, max_similarity=max_similarity, block_size=128)
+            rows, scores, SelectionConfig(budget=1000, max_similarity=max_similarity, block_size=block_size)
         )
         assert got.positions.tolist() == expected
         assert got.stats["rejected_via_sketch"] > 0
+    # The walk puts BLAS and torch on one thread per share while it runs, and gives the counts back.
+    assert [pool["num_threads"] for pool in threadpool_info()] == blas_threads
+    assert torch.get_num_threads() == torch_threads
 
 
 def test_float16_rows_convert_the_same_in_torch_and_numpy():
