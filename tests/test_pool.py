@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import pytest
 
@@ -222,6 +223,47 @@ def test_bulk_jsonl_read_equals_the_row_by_row_read(tmp_path, monkeypatch, layou
         assert used[-1] is False
 
 
+SCHEMA_CHANGES = {
+    # the first line's schema holds for the whole file: one parse against it
+    "uniform": ([{"score": 1.5, "meta": {"a": 1}}, {"score": 2.5, "meta": {"a": 2}}], 1),
+    # after the first line: a null turned string, a new nested key, a new column; an integer turned float. The
+    # parse against the first line's schema fails, the whole file's is inferred and the file parsed against it.
+    "typed further on": (
+        [{"note": None, "meta": {"a": 1}}, {"note": "n", "meta": {"a": 2, "b": "x"}, "new": [1]}],
+        3,
+    ),
+    "type changed": ([{"score": 1, "meta": {"a": 1}}, {"score": 2.5, "meta": {"a": 2}}], 3),
+    # Arrow's inference misreads a list that opens with null ([null, true] as [true, false]): values are only
+    # ever taken from a parse against a schema, the first line's or the whole file's
+    "list opening with null": ([{"flags": [None, True]}, {"flags": [None, False]}], 1),
+    "list opening with null further on": ([{}, {"flags": [None, True]}], 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEMA_CHANGES))
+def test_bulk_jsonl_parsed_against_a_schema_reads_what_the_row_by_row_read_reads(tmp_path, monkeypatch, case):
+    import pyarrow.json as pa_json
+
+    extras, parses = SCHEMA_CHANGES[case]
+    rows = [{**ROWS[i], **extra} for i, extra in enumerate(extras)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    exact = _row_by_row(monkeypatch, path)
+    monkeypatch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", len(json.dumps(rows[0])) + 1)  # the first line
+    calls, read_json = [], pa_json.read_json
+
+    def counted(source, **kwargs):
+        calls.append(kwargs.get("parse_options"))
+        return read_json(source, **kwargs)
+
+    monkeypatch.setattr(pa_json, "read_json", counted)
+    used = _bulk_used(monkeypatch)
+    bulk = read_pool(path)
+    assert len(calls) == 1 + parses  # the first line's schema, then the file
+    assert used == [True] and calls[-1].explicit_schema is not None
+    assert bulk.table.equals(exact.table) and bulk.table.schema == exact.table.schema
+    assert bulk.table.column_names == exact.table.column_names == list(rows[1])
+
+
 HANDED_OFF = {
     "unknown role": '{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}\n',
     "blank answer": '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " \\u3000"}]}\n',
@@ -264,17 +306,56 @@ def test_bulk_jsonl_hands_anything_unusual_to_the_row_by_row_path(tmp_path, monk
 def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(pool_module, "_SCAN_BYTES", 7)
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
-    assert pool_module._hash_and_scan(path, hashlib.sha256()) == len(ROWS)
+    assert pool_module._ScannedFile(path, hashlib.sha256()).drain() == len(ROWS)
     path.write_text(ROWS_LINE + '{"x": ' + "[" * 600 + "]" * 600 + ', "y": ' + "[" * 600 + "]" * 600 + "}\n")
     assert (
-        pool_module._hash_and_scan(path, hashlib.sha256()) is None
+        pool_module._ScannedFile(path, hashlib.sha256()).drain() is None
     )  # 1,200 openers on one line, read 7 at a time
     path.write_text(ROWS_LINE * 3 + ROWS_LINE.strip())  # no newline at the end
     digest = hashlib.sha256()
-    assert pool_module._hash_and_scan(path, digest) == 4
+    assert pool_module._ScannedFile(path, digest).drain() == 4
     reference = hashlib.sha256()
     pool_module._hash_path(path, reference)
     assert digest.hexdigest() == reference.hexdigest()
+
+
+def test_bulk_read_hashes_and_scans_the_file_as_arrow_pulls_it(tmp_path, monkeypatch):
+    """Arrow's reader pulls the file through the scan: many small blocks are hashed in order (the fingerprint is
+    the row-by-row read's), and a line Arrow must not be given stops the read before Arrow gets it."""
+    rows = [{**ROWS[i % len(ROWS)], "id": f"r{i}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    exact = _row_by_row(monkeypatch, path)
+    monkeypatch.setattr(pool_module, "_JSON_BLOCK_BYTES", 256)  # two or three lines a block
+    monkeypatch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", 256)
+    pulled = []
+    real_read = pool_module._ScannedFile.read
+    monkeypatch.setattr(
+        pool_module._ScannedFile, "read", lambda self, size=-1: pulled.append(size) or real_read(self, size)
+    )
+    used = _bulk_used(monkeypatch)
+    bulk = read_pool(path)
+    assert used == [True] and len(pulled) > 10
+    assert bulk.table.equals(exact.table)
+    assert (bulk.fingerprint, bulk.conversations_fingerprint) == (
+        exact.fingerprint,
+        exact.conversations_fingerprint,
+    )
+    # a line nested too deep for Arrow, past the first lines: the bulk read stops short of it and hands over
+    deep = path.read_text() + '{"id": "deep", "x": ' + "[" * 1200 + "]" * 1200 + "}\n" + ROWS_LINE
+    path.write_text(deep)
+    monkeypatch.setattr(pool_module, "_JSON_BLOCK_BYTES", 4096)
+    given = []
+    real_read_json = pa_json.read_json
+    monkeypatch.setattr(
+        pa_json, "read_json", lambda source, **k: given.append(source) or real_read_json(source, **k)
+    )
+    with pytest.raises(DeitaHubError) as bulk_error:
+        read_pool(path)
+    assert used[-1] is False
+    assert len(given) == 2 and not any(isinstance(source, (str, Path)) for source in given)  # never the file
+    with pytest.raises(DeitaHubError) as exact_error:
+        _row_by_row(monkeypatch, path)
+    assert str(bulk_error.value) == str(exact_error.value)
 
 
 def test_bulk_conversations_act_as_the_list_the_row_by_row_read_gives(tmp_path, monkeypatch):
