@@ -147,7 +147,13 @@ def test_unknown_columns_and_missing_mapped_column():
         (
             '[{"id": 1, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},'
             ' {"id": "x", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]',
-            "row 1, field 'id': type str differs",
+            "row 1, field 'id': a string where row 0 has a number; a column must hold one type",
+        ),
+        (
+            '[{"n": 1, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},'
+            ' {"n": 9223372036854775808, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", '
+            '"value": "a"}]}]',
+            r"row 1, field 'n': an integer beyond the 64-bit range an Arrow table holds \(write it as a string\)",
         ),
     ],
 )
