@@ -652,9 +652,8 @@ def deita_select(
                     full = np.flatnonzero(~confirmed)
                     sketch_rejected += int(confirmed.sum())
                     sketch.record(hit_rate=float(confirmed.mean()))
-                sims = fast.against_selected(
-                    block[full], selected, k, threads
-                )  # [len(full), k], rows not yet divided
+                # [len(full), k], rows not yet divided
+                sims = fast.against_selected(block[full], selected, k, threads)
                 products.append((len(full), k, dim))
                 sims_row = np.full(len(block), -1)
                 sims_row[full] = np.arange(len(full))
