@@ -19,9 +19,11 @@ BLAS, the block size or the precision.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import mmap
 import os
+import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -344,9 +346,41 @@ def _cores() -> int:
 
 def _blas_threads(count: int):
     """A context in which numpy's BLAS runs each product on `count` threads."""
-    from threadpoolctl import threadpool_limits
+    return _blas_controller().limit(limits=count, user_api="blas")
 
-    return threadpool_limits(count, user_api="blas")
+
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's view of the BLAS libraries loaded, found once. It finds them through a ctypes callback, where
+    an exception raised by a signal handler is printed and dropped: `deita-hub` turns Ctrl-C and SIGTERM into
+    exceptions, and one arriving then was lost (the command ran on and exited 0). They wait until it returns."""
+    from threadpoolctl import ThreadpoolController
+
+    with _signals_deferred(signal.SIGINT, signal.SIGTERM):
+        return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _signals_deferred(*signals: int):
+    """Within: `signals` are only noted; after: raised again, so their own handlers run (in the main thread only,
+    where Python runs signal handlers; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    handlers = {sig: signal.getsignal(sig) for sig in signals}
+    handlers = {
+        sig: handler for sig, handler in handlers.items() if handler is not None
+    }  # None: set outside Python
+    for sig in handlers:
+        signal.signal(sig, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(noted):
+            signal.raise_signal(sig)
 
 
 class _RowThreads:

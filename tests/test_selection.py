@@ -267,3 +267,43 @@ def test_float16_rows_convert_the_same_in_torch_and_numpy():
     _to_float32(halves, out, torch)
     assert torch.get_num_threads() == threads
     assert np.array_equal(out.view(np.uint32), halves.astype(np.float32).view(np.uint32))
+
+
+def test_a_signal_while_blas_libraries_are_found_is_not_lost(monkeypatch):
+    """threadpoolctl finds the BLAS libraries through a ctypes callback, which prints and drops an exception a
+    signal handler raises in it: a SIGTERM arriving then (CI caught one) must still stop the command, after the
+    search. The signal is sent from inside a ctypes callback run where threadpoolctl runs its own."""
+    import ctypes
+    import os
+    import signal
+
+    import threadpoolctl
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    sent, search = [], threadpoolctl.ThreadpoolController._load_libraries
+    compare_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
+
+    def compare(a, b):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside the callback, unless held
+        return a[0] - b[0]
+
+    def search_with_a_signal(self):
+        numbers = (ctypes.c_int * 2)(2, 1)
+        ctypes.CDLL(None).qsort(numbers, 2, ctypes.sizeof(ctypes.c_int), compare_type(compare))
+        return search(self)
+
+    monkeypatch.setattr(threadpoolctl.ThreadpoolController, "_load_libraries", search_with_a_signal)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped):
+            selection._blas_controller.__wrapped__()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent
