@@ -368,10 +368,9 @@ def _signals_deferred(*signals: int):
         yield
         return
     noted: list[int] = []
+    # A handler set outside Python (getsignal gives None) cannot be put back: such signals are left alone.
     handlers = {sig: signal.getsignal(sig) for sig in signals}
-    handlers = {
-        sig: handler for sig, handler in handlers.items() if handler is not None
-    }  # None: set outside Python
+    handlers = {sig: handler for sig, handler in handlers.items() if handler is not None}
     for sig in handlers:
         signal.signal(sig, lambda signum, frame: noted.append(signum))
     try:
