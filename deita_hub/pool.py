@@ -284,13 +284,18 @@ def _conversion_error(values: list) -> str | None:
 def _first_unconvertible(values: list) -> tuple[int, str] | None:
     """The first row from which `values` no longer make one Arrow array, and why (bisected: a prefix converts or
     not); None when they do."""
-    if _conversion_error(values) is None:
+    why = _conversion_error(values)
+    if why is None:
         return None
-    lo, hi = 0, len(values)  # values[:lo] converts, values[:hi] does not
+    lo, hi = 0, len(values)  # values[:lo] converts, values[:hi] does not (`why`)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _conversion_error(values[:mid]) is None else (lo, mid)
-    return hi - 1, _conversion_error(values[:hi])
+        error = _conversion_error(values[:mid])
+        if error is None:
+            lo = mid
+        else:
+            hi, why = mid, error
+    return hi - 1, why
 
 
 def _beyond_64_bits(value) -> bool:

@@ -330,7 +330,7 @@ def _check_norms(norms: np.ndarray, positions: np.ndarray) -> None:
         raise DeitaHubError(f"embedding row {row} is zero or not finite; it has no direction to compare")
 
 
-PRODUCT_ROWS = 64  # the fewest rows a share of a matrix product gets
+SHARE_ROWS = 64  # the fewest rows a thread's share of a step or a product gets
 # Rows a thread takes from the file to the sketch's guess at a time (their sketch product with 8K selected rows:
 # 8 MiB, still in the last-level cache for its argmax; fewer rows make the products less efficient).
 CHUNK_ROWS = 256
@@ -342,11 +342,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
-
-
-def _blas_threads(count: int):
-    """A context in which numpy's BLAS runs each product on `count` threads."""
-    return _blas_controller().limit(limits=count, user_api="blas")
 
 
 @functools.cache
@@ -400,7 +395,7 @@ class _RowThreads:
         )
         self.local = threading.local()
 
-    def run(self, step, n: int, min_rows: int = 64) -> None:
+    def run(self, step, n: int, min_rows: int = SHARE_ROWS) -> None:
         """`step(lo, hi)` over [0, n) in contiguous shares (one share when n is small)."""
         shares = min(self.threads, max(1, n // min_rows))
         if shares == 1:
@@ -425,12 +420,12 @@ class _RowThreads:
 
     def product(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """a @ b.T in float32, split by the rows of `a`, or by those of `b` when `a` has too few to share."""
-        if len(a) >= self.threads * PRODUCT_ROWS or len(b) < len(a):
+        if len(a) >= self.threads * SHARE_ROWS or len(b) < len(a):
             out = np.empty((len(a), len(b)), dtype=np.float32)
-            self.run(lambda lo, hi: np.matmul(a[lo:hi], b.T, out=out[lo:hi]), len(a), PRODUCT_ROWS)
+            self.run(lambda lo, hi: np.matmul(a[lo:hi], b.T, out=out[lo:hi]), len(a))
             return out
         out_t = np.empty((len(b), len(a)), dtype=np.float32)  # each share writes whole rows of the transpose
-        self.run(lambda lo, hi: np.matmul(b[lo:hi], a.T, out=out_t[lo:hi]), len(b), PRODUCT_ROWS)
+        self.run(lambda lo, hi: np.matmul(b[lo:hi], a.T, out=out_t[lo:hi]), len(b))
         return out_t.T
 
     def close(self) -> None:
@@ -755,7 +750,12 @@ def deita_select(
         return k, rechecked, sketch_rejected
 
     try:
-        with _blas_threads(1) if threads.threads > 1 else contextlib.nullcontext():
+        one_blas_thread = threads.threads > 1  # each share's products on its own thread
+        with (
+            _blas_controller().limit(limits=1, user_api="blas")
+            if one_blas_thread
+            else contextlib.nullcontext()
+        ):
             k, rechecked, sketch_rejected = walk()
     finally:
         threads.close()
