@@ -185,6 +185,7 @@ def walk_stats(walk) -> dict:
         "scanned": walk.scanned,
         "pool_rows": walk.stats["pool_rows"],
         "rejected_via_sketch": walk.stats["rejected_via_sketch"],
+        "sketch_dtype": walk.stats["sketch_dtype"],
         "gemm_seconds": replay_gemms(walk.products),
         "gemm_flop": sum(2 * m * n * d for m, n, d in walk.products),
     }
@@ -276,6 +277,11 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
         f"\nthe walk selected {build['selected']:,} after scanning {build['scanned']:,} of {build['pool_rows']:,} "
         f"rows ({build['rejected_via_sketch']:,} rejected through the sketch); rows per subset {build['rows']}"
     )
+    if build["sketch_dtype"] == "bfloat16":
+        print(
+            "the sketch's guesses were multiplied in bfloat16 (this CPU has AMX); the replay multiplies every "
+            "product in float32, as the goal is defined"
+        )
     print(
         f"goals: peak RSS <= 1x the matrix: worst {worst / matrix_bytes:.2f}x | selection <= 1.5x its GEMM time: "
         f"{selecting / build['gemm_seconds']:.2f}x | build minus selection <= 25% of the build: "

@@ -275,22 +275,29 @@ def score_order(scores: np.ndarray) -> np.ndarray:
 # --- the exact blockwise filter ----------------------------------------------------------------------------
 
 
-# float16 -> float32 is exact, so any correct conversion gives the same bits; numpy's takes ~7 ms per 1024 x 4096
-# block, torch's ~1 ms. Importing torch costs ~1-2 s, so the walk uses torch's only when torch is already loaded or
-# the matrix is large enough to pay for the import (~8 ms saved per 1,024 rows).
-TORCH_CAST_MIN_ELEMENTS = 200_000 * 4096
+# torch does two of a float32 walk's steps faster than numpy: float16 -> float32 casts (exact, so any correct
+# conversion gives the same bits; numpy's takes ~7 ms per 1024 x 4096 block, torch's ~1 ms) and, on CPUs that
+# multiply bfloat16 natively, the sketch's guesses (see _Sketch). Importing torch costs ~1-2 s, so the walk uses it
+# only when torch is already loaded or the matrix is large enough to pay for the import (~8 ms saved per 1,024
+# rows).
+TORCH_MIN_ELEMENTS = 200_000 * 4096
 NORM_ROWS = 32  # rows squared at a time for their norms (512 KiB at d=4096: the squares stay in cache)
 
 
-def _torch_for_casts(embeddings: np.ndarray):
-    """torch, when converting `embeddings`' float16 rows with it pays off; else None (numpy converts them)."""
-    if embeddings.dtype != np.float16:
-        return None
-    if "torch" not in sys.modules and embeddings.size < TORCH_CAST_MIN_ELEMENTS:
+def _torch_if_it_pays(embeddings: np.ndarray):
+    """torch, when it is loaded already or `embeddings` is large enough to pay for importing it; else None."""
+    if "torch" not in sys.modules and embeddings.size < TORCH_MIN_ELEMENTS:
         return None
     import torch
 
     return torch
+
+
+def _native_bfloat16(torch) -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX: ~2.5x float32's rate on 2 cores,
+    4-5x on one thread); elsewhere torch emulates bfloat16 and float32 is faster."""
+    amx = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)  # private, so looked up with care
+    return bool(amx and amx())
 
 
 def _to_float32(raw: np.ndarray, out: np.ndarray, torch=None) -> None:
@@ -496,7 +503,8 @@ class _Matmul:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cpu":
             log.warning(
-                "%s matrix products on the CPU are far slower than float32 (no bf16/fp16 units): use float32",
+                "%s similarity products are meant for a GPU: on the CPU a float32 walk is faster (it guesses most "
+                "rejections from a sketch and rechecks fewer pairs): use float32",
                 dtype,
             )
         self.selected_fast = torch.empty((capacity, dim), dtype=self.dtype, device=self.device)
@@ -534,15 +542,21 @@ class _Sketch:
     A guess is confirmed with the candidate's real similarity before it rejects anything, and every unconfirmed
     candidate still goes through the full product, so decisions stay exact; the sketch only saves the full
     product for rows a near-duplicate already rejects (most rows of a redundant pool).
+
+    Being a guess, the sketch needs no precision: with `torch` (a CPU that multiplies bfloat16 natively) its
+    products run in bfloat16, whose rounding (~0.4%) is far below the projection's own error.
     """
 
-    def __init__(self, dim: int, capacity: int, seed: int = 0):
+    def __init__(self, dim: int, capacity: int, seed: int = 0, torch=None):
         rng = np.random.default_rng(seed)
-        self.projection = (rng.standard_normal((dim, SKETCH_WIDTH)) / np.sqrt(SKETCH_WIDTH)).astype(
-            np.float32
-        )
-        self.selected = np.empty((capacity, SKETCH_WIDTH), dtype=np.float32)
-
+        projection = (rng.standard_normal((dim, SKETCH_WIDTH)) / np.sqrt(SKETCH_WIDTH)).astype(np.float32)
+        self.torch = torch
+        if torch is None:
+            self.projection = projection
+            self.selected = np.empty((capacity, SKETCH_WIDTH), dtype=np.float32)
+        else:
+            self.projection = torch.from_numpy(projection).to(torch.bfloat16)
+            self.selected = torch.empty((capacity, SKETCH_WIDTH), dtype=torch.bfloat16)
         self.skip = 0  # blocks to go without guessing, after a block where guesses rarely confirmed
 
     def worth_trying(self) -> bool:
@@ -557,7 +571,13 @@ class _Sketch:
             self.skip = SKETCH_PAUSE_BLOCKS
 
     def add(self, k: int, rows: np.ndarray) -> None:
-        self.selected[k : k + len(rows)] = rows @ self.projection
+        if self.torch is None:
+            self.selected[k : k + len(rows)] = rows @ self.projection
+        else:
+            self.selected[k : k + len(rows)] = self._bfloat16(rows) @ self.projection
+
+    def _bfloat16(self, rows: np.ndarray):
+        return self.torch.from_numpy(rows).to(self.torch.bfloat16)
 
     def guess(
         self,
@@ -571,10 +591,12 @@ class _Sketch:
         """For each of a few `rows`: into `guess`, the selected row its sketch is nearest (an argmax per row, blind
         to the row's scale), and into `dots` the row's real dot product with that selected row. On the calling
         thread, with its buffers: the sketch product is still in cache for its argmax."""
-        sketched = np.matmul(rows, self.projection, out=threads.buffer("sketched", (len(rows), SKETCH_WIDTH)))
-        product = np.matmul(
-            sketched, self.selected[:k].T, out=threads.buffer("sketch_product", (len(rows), k))
-        )
+        product = threads.buffer("sketch_product", (len(rows), k))
+        if self.torch is None:
+            sketched = threads.buffer("sketched", (len(rows), SKETCH_WIDTH))
+            np.matmul(np.matmul(rows, self.projection, out=sketched), self.selected[:k].T, out=product)
+        else:  # numpy's argmax is faster than torch's, and has no bfloat16
+            self.torch.from_numpy(product).copy_(self._bfloat16(rows) @ self.projection @ self.selected[:k].T)
         np.argmax(product, axis=1, out=guess)
         np.einsum("ij,ij->i", rows, selected[guess], out=dots)
 
@@ -605,20 +627,22 @@ def deita_select(
     rows_per_block = min(config.block_size, n)
     row_buffer = np.empty((rows_per_block, dim), dtype=np.float32)  # the block being decided, as float32
     raw_buffer = row_buffer if embeddings.dtype == np.float32 else np.empty_like(row_buffer, embeddings.dtype)
-    sketch = _Sketch(dim, budget) if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH else None
     # float32 products multiply the rows as read and divide each row's *result* by its norm (a number per
     # candidate instead of a division per element; a one-pass norm, as the band allows); only candidates that
     # survive the products are made unit rows, with np.linalg.norm's arithmetic. Half precision needs unit rows
     # first (a raw row may not fit in float16), so the norms become 1 there (x / 1 is x: the arithmetic below is
     # the same either way).
     late = fast.selected_fast is None
-    torch = _torch_for_casts(embeddings) if late else None
+    torch = _torch_if_it_pays(embeddings) if late else None
     torch_threads = torch.get_num_threads() if torch is not None else None
-    # torch's casts run on the calling thread only: the walk's threads split the rows.
+    # torch's casts and products run on the calling thread only: the walk's threads split the rows.
     one_torch_thread = (lambda: torch.set_num_threads(1)) if torch is not None else None
     threads = _RowThreads(_cores(), initializer=one_torch_thread)
     if one_torch_thread:
         one_torch_thread()
+    sketch = None
+    if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH:
+        sketch = _Sketch(dim, budget, torch=torch if torch is not None and _native_bfloat16(torch) else None)
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return b.astype(np.float64) @ a.astype(np.float64)
@@ -769,6 +793,7 @@ def deita_select(
         "rejected": scanned - k,
         "rechecked_in_fp64": rechecked,
         "rejected_via_sketch": sketch_rejected,
+        "sketch_dtype": None if sketch is None else "float32" if sketch.torch is None else "bfloat16",
         "pool_rows": n,
         "budget": config.budget,
         "max_similarity": threshold,

@@ -222,14 +222,17 @@ def test_real_pool_embedded_with_minilm_matches_reference():
     assert len(reference_select(emb, scores, 100, 0.8)) < 100  # templated near-duplicates are rejected
 
 
+@pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cores", [1, 3])
-def test_sketch_path_is_exact_on_wide_redundant_data(cores, monkeypatch):
+def test_sketch_path_is_exact_on_wide_redundant_data(cores, sketch_dtype, monkeypatch):
     """Wide vectors and >256 selected rows switch on the random-projection guess; decisions must not change,
-    whether one thread walks or three split every block's rows and products (unevenly: 512 / 3)."""
+    whether one thread walks or three split every block's rows and products (unevenly: 512 / 3), and whether the
+    guesses are multiplied in float32 or in bfloat16 (as on CPUs with AMX; emulated by torch elsewhere)."""
     import torch
     from threadpoolctl import threadpool_info
 
     monkeypatch.setattr(selection, "_cores", lambda: cores)
+    monkeypatch.setattr(selection, "_native_bfloat16", lambda torch: sketch_dtype == "bfloat16")
     rng = np.random.default_rng(5)
     n, dim, clusters = 1400, 512, 400
     centres = rng.normal(size=(clusters, dim))
@@ -248,6 +251,7 @@ def test_sketch_path_is_exact_on_wide_redundant_data(cores, monkeypatch):
         )
         assert got.positions.tolist() == expected
         assert got.stats["rejected_via_sketch"] > 0
+        assert got.stats["sketch_dtype"] == sketch_dtype
     # The walk puts BLAS and torch on one thread per share while it runs, and gives the counts back.
     assert [pool["num_threads"] for pool in threadpool_info()] == blas_threads
     assert torch.get_num_threads() == torch_threads
