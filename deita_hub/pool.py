@@ -37,6 +37,7 @@ from deita_hub.conversations import (
     response_length,
     to_conversation,
 )
+from deita_hub.cpu import ordered_map
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.hub import is_repo_id
 
@@ -659,8 +660,9 @@ def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Se
     }
     if not (pa.types.is_string(fields.get(role_key)) and pa.types.is_string(fields.get(content_key))):
         return None
-    conversations: list[ArrowConversations] = []
-    for chunk in column.chunks:
+
+    def checked(chunk: pa.Array) -> tuple[ArrowConversations, np.ndarray | None] | None:
+        """One chunk's conversations and its fingerprint lines (when `digest`), or None when a row breaks a rule."""
         if chunk.null_count:
             return None
         offsets = chunk.offsets.to_numpy()
@@ -696,9 +698,18 @@ def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Se
         blank = pc.match_substring_regex(contents, _BLANK).to_numpy(zero_copy_only=False)
         if (blank & body).any():
             return None
+        lines = _fingerprint_lines(contents, codes, lengths) if digest is not None else None
+        return ArrowConversations(contents, codes, (offsets - offsets[0]).astype(np.int64)), lines
+
+    # The chunks on all cores (Arrow and numpy let go of the GIL), fed to `digest` in order.
+    conversations: list[ArrowConversations] = []
+    for result in ordered_map(checked, column.chunks):
+        if result is None:
+            return None
+        chunk_conversations, lines = result
         if digest is not None:
-            digest.update(_fingerprint_lines(contents, codes, lengths))
-        conversations.append(ArrowConversations(contents, codes, (offsets - offsets[0]).astype(np.int64)))
+            digest.update(lines)
+        conversations.append(chunk_conversations)
     return _joined(conversations) if conversations else []
 
 

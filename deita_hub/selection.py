@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deita_hub.config import check_choices
+from deita_hub.cpu import cores
 from deita_hub.errors import DeitaHubError
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,9 @@ def _torch_if_it_pays(embeddings: np.ndarray):
 def _native_bfloat16(torch) -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX: ~2.5x float32's rate on 2 cores,
     4-5x on one thread); elsewhere torch emulates bfloat16 and float32 is faster."""
-    amx = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)  # private, so looked up with care
+    amx = getattr(
+        getattr(torch, "cpu", None), "_is_amx_tile_supported", None
+    )  # private, so looked up with care
     return bool(amx and amx())
 
 
@@ -341,14 +344,6 @@ SHARE_ROWS = 64  # the fewest rows a thread's share of a step or a product gets
 # Rows a thread takes from the file to the sketch's guess at a time (their sketch product with 8K selected rows:
 # 8 MiB, still in the last-level cache for its argmax; fewer rows make the products less efficient).
 CHUNK_ROWS = 256
-
-
-def _cores() -> int:
-    """The CPUs this process may run on (its affinity mask, which containers and `taskset` narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 @functools.cache
@@ -637,7 +632,7 @@ def deita_select(
     torch_threads = torch.get_num_threads() if torch is not None else None
     # torch's casts and products run on the calling thread only: the walk's threads split the rows.
     one_torch_thread = (lambda: torch.set_num_threads(1)) if torch is not None else None
-    threads = _RowThreads(_cores(), initializer=one_torch_thread)
+    threads = _RowThreads(cores(), initializer=one_torch_thread)
     if one_torch_thread:
         one_torch_thread()
     sketch = None
