@@ -33,7 +33,8 @@ def test_ordered_map_computes_at_most_its_threads_ahead_and_stops_with_the_consu
     results = ordered_map(record, range(1000), 2)
     assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
     time.sleep(0.05)
-    assert len(started) <= 5 + 2 + 1  # what was consumed, what is in flight, the one submitted before the yield
+    # What was consumed, what is in flight, and the one submitted before the yield.
+    assert len(started) <= 5 + 2 + 1
     results.close()
     time.sleep(0.05)
     assert len(started) <= 5 + 2 + 1
