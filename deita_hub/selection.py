@@ -286,7 +286,8 @@ NORM_ROWS = 32  # rows squared at a time for their norms (512 KiB at d=4096: the
 
 
 def _torch_if_it_pays(embeddings: np.ndarray):
-    """torch, when it is loaded already or `embeddings` is large enough to pay for importing it; else None."""
+    """torch, when it is loaded already or `embeddings` is large enough to pay for importing it; else None (the
+    walk then does without)."""
     if "torch" not in sys.modules and embeddings.size < TORCH_MIN_ELEMENTS:
         return None
     import torch
@@ -294,13 +295,19 @@ def _torch_if_it_pays(embeddings: np.ndarray):
     return torch
 
 
-def _native_bfloat16(torch) -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX: ~2.5x float32's rate on 2 cores,
-    4-5x on one thread); elsewhere torch emulates bfloat16 and float32 is faster."""
-    amx = getattr(
-        getattr(torch, "cpu", None), "_is_amx_tile_supported", None
-    )  # private, so looked up with care
-    return bool(amx and amx())
+@functools.cache
+def _native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware: Intel AMX, which Linux lists as `amx_bf16` when
+    the kernel can run it (measured: ~2.5x float32's rate on 2 cores, 4-5x on one thread). Elsewhere torch
+    emulates bfloat16 and float32 is faster."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:  # not Linux
+        pass
+    return False
 
 
 def _to_float32(raw: np.ndarray, out: np.ndarray, torch=None) -> None:
@@ -628,7 +635,9 @@ def deita_select(
     # first (a raw row may not fit in float16), so the norms become 1 there (x / 1 is x: the arithmetic below is
     # the same either way).
     late = fast.selected_fast is None
-    torch = _torch_if_it_pays(embeddings) if late else None
+    sketching_in_bfloat16 = config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH and _native_bfloat16()
+    uses_torch = late and (embeddings.dtype == np.float16 or sketching_in_bfloat16)
+    torch = _torch_if_it_pays(embeddings) if uses_torch else None
     torch_threads = torch.get_num_threads() if torch is not None else None
     # torch's casts and products run on the calling thread only: the walk's threads split the rows.
     one_torch_thread = (lambda: torch.set_num_threads(1)) if torch is not None else None
@@ -637,7 +646,7 @@ def deita_select(
         one_torch_thread()
     sketch = None
     if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH:
-        sketch = _Sketch(dim, budget, torch=torch if torch is not None and _native_bfloat16(torch) else None)
+        sketch = _Sketch(dim, budget, torch=torch if sketching_in_bfloat16 else None)
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return b.astype(np.float64) @ a.astype(np.float64)

@@ -232,7 +232,7 @@ def test_sketch_path_is_exact_on_wide_redundant_data(cores, sketch_dtype, monkey
     from threadpoolctl import threadpool_info
 
     monkeypatch.setattr(selection, "cores", lambda: cores)
-    monkeypatch.setattr(selection, "_native_bfloat16", lambda torch: sketch_dtype == "bfloat16")
+    monkeypatch.setattr(selection, "_native_bfloat16", lambda: sketch_dtype == "bfloat16")
     rng = np.random.default_rng(5)
     n, dim, clusters = 1400, 512, 400
     centres = rng.normal(size=(clusters, dim))
