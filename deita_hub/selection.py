@@ -572,14 +572,16 @@ class _Sketch:
         if hit_rate < SKETCH_MIN_HIT_RATE:
             self.skip = SKETCH_PAUSE_BLOCKS
 
-    def add(self, k: int, rows: np.ndarray) -> None:
-        if self.torch is None:
-            self.selected[k : k + len(rows)] = rows @ self.projection
-        else:
-            self.selected[k : k + len(rows)] = self._bfloat16(rows) @ self.projection
+    @property
+    def dtype(self) -> str:
+        return "float32" if self.torch is None else "bfloat16"
 
-    def _bfloat16(self, rows: np.ndarray):
-        return self.torch.from_numpy(rows).to(self.torch.bfloat16)
+    def _operand(self, rows: np.ndarray):
+        """`rows` in the sketch's precision: as they are, or as a bfloat16 tensor."""
+        return rows if self.torch is None else self.torch.from_numpy(rows).to(self.torch.bfloat16)
+
+    def add(self, k: int, rows: np.ndarray) -> None:
+        self.selected[k : k + len(rows)] = self._operand(rows) @ self.projection
 
     def guess(
         self,
@@ -598,7 +600,7 @@ class _Sketch:
             sketched = threads.buffer("sketched", (len(rows), SKETCH_WIDTH))
             np.matmul(np.matmul(rows, self.projection, out=sketched), self.selected[:k].T, out=product)
         else:  # numpy's argmax is faster than torch's, and has no bfloat16
-            self.torch.from_numpy(product).copy_(self._bfloat16(rows) @ self.projection @ self.selected[:k].T)
+            self.torch.from_numpy(product).copy_(self._operand(rows) @ self.projection @ self.selected[:k].T)
         np.argmax(product, axis=1, out=guess)
         np.einsum("ij,ij->i", rows, selected[guess], out=dots)
 
@@ -635,7 +637,8 @@ def deita_select(
     # first (a raw row may not fit in float16), so the norms become 1 there (x / 1 is x: the arithmetic below is
     # the same either way).
     late = fast.selected_fast is None
-    sketching_in_bfloat16 = config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH and _native_bfloat16()
+    sketchable = config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH
+    sketching_in_bfloat16 = sketchable and _native_bfloat16()
     uses_torch = late and (embeddings.dtype == np.float16 or sketching_in_bfloat16)
     torch = _torch_if_it_pays(embeddings) if uses_torch else None
     torch_threads = torch.get_num_threads() if torch is not None else None
@@ -644,9 +647,7 @@ def deita_select(
     threads = _RowThreads(cores(), initializer=one_torch_thread)
     if one_torch_thread:
         one_torch_thread()
-    sketch = None
-    if config.dtype == "float32" and dim >= 4 * SKETCH_WIDTH:
-        sketch = _Sketch(dim, budget, torch=torch if sketching_in_bfloat16 else None)
+    sketch = _Sketch(dim, budget, torch=torch if sketching_in_bfloat16 else None) if sketchable else None
 
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return b.astype(np.float64) @ a.astype(np.float64)
@@ -797,7 +798,7 @@ def deita_select(
         "rejected": scanned - k,
         "rechecked_in_fp64": rechecked,
         "rejected_via_sketch": sketch_rejected,
-        "sketch_dtype": None if sketch is None else "float32" if sketch.torch is None else "bfloat16",
+        "sketch_dtype": sketch.dtype if sketch is not None else None,
         "pool_rows": n,
         "budget": config.budget,
         "max_similarity": threshold,
