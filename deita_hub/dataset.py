@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from deita_hub import __version__
 from deita_hub.cards.dataset import dataset_card, describe, plot_scores
 from deita_hub.embedding import embed_pool, load_embeddings
 from deita_hub.errors import DeitaHubError
-from deita_hub.io import atomic_file, atomic_folder, file_lock, refuse_existing, write_text
+from deita_hub.io import atomic_file, atomic_folder, default_cache_dir, file_lock, refuse_existing, write_text
 from deita_hub.pool import Pool, read_pool
 from deita_hub.preferences import is_preference_columns, is_preference_source, read_preferences
 from deita_hub.recipes import Recipe, load_recipe
@@ -36,10 +35,6 @@ from deita_hub.selection import evol_scores
 from deita_hub.subsets import select_subsets, subset_table
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DEITA_HUB_CACHE", Path.home() / ".cache" / "deita-hub"))
 
 
 @dataclass
@@ -66,7 +61,7 @@ def load_recipe_pool(recipe: Recipe, cache_dir: Path) -> Pool:
             with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
                 for row in generate_pool(spec.rows, spec.seed):
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return read_pool(path, spec.format, on_invalid=spec.on_invalid)
+        return read_pool(path, spec.format, on_invalid=spec.on_invalid, cache_dir=cache_dir)
     return read_pool(
         list(spec.sources),
         spec.format,
@@ -74,6 +69,7 @@ def load_recipe_pool(recipe: Recipe, cache_dir: Path) -> Pool:
         config=spec.config,
         split=spec.split,
         revision=spec.revision,
+        cache_dir=cache_dir,
     )
 
 

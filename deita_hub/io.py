@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def default_cache_dir() -> Path:
+    """Where deita-hub keeps what it can compute again: `$DEITA_HUB_CACHE`, else ~/.cache/deita-hub."""
+    return Path(os.environ.get("DEITA_HUB_CACHE", Path.home() / ".cache" / "deita-hub"))
+
+
 def _sibling(path: Path, kind: str) -> Path:
     # Hidden, unique per process and call, and ending in the target's suffix: numpy's save appends ".npy" and
     # matplotlib picks the image format from a name that does not end in theirs.

@@ -14,11 +14,13 @@ Row numbers in messages are 0-based positions in the source (JSONL errors also g
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from deita_hub import __version__
 from deita_hub.conversations import (
     CANONICAL_ROLES,
     SHAREGPT_ROLES,
@@ -40,6 +43,7 @@ from deita_hub.conversations import (
 from deita_hub.cpu import ordered_map
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.hub import is_repo_id
+from deita_hub.io import atomic_file, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -746,6 +750,22 @@ def _ids_unique(table: pa.Table, name: str, seen: dict, *, only_source: bool) ->
     return True
 
 
+def _parse_json(source, schema: pa.Schema | None = None) -> pa.Table | None:
+    """`source` (a path or a file object) read by Arrow's JSON reader, against `schema` when given; None when
+    Arrow cannot read it or `_ScannedFile` stops the read."""
+    import pyarrow.json as pa_json
+
+    options = (
+        pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error") if schema else None
+    )
+    try:
+        return pa_json.read_json(
+            source, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES), parse_options=options
+        )
+    except (pa.lib.ArrowException, _NotPlain):
+        return None
+
+
 def _read_json(scanned: _ScannedFile) -> tuple[pa.Table, int] | None:
     """The JSONL file as Arrow's JSON reader reads it against a schema, with its line count; None when it cannot
     read it or may not be given it (`scanned` says, as Arrow pulls the file through it).
@@ -756,76 +776,169 @@ def _read_json(scanned: _ScannedFile) -> tuple[pa.Table, int] | None:
     against a schema: the one inferred from the file's first lines (measured on a 1.5 GB pool: 3.0 s, against
     3.7 s for inferring throughout), with any field or type it does not hold an error; on which the schema is
     inferred from the whole file and the file parsed against that."""
-    import pyarrow.json as pa_json
-
-    read_options = pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES)
-
-    def parse(source, schema: pa.Schema | None = None) -> pa.Table | None:
-        options = (
-            pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
-            if schema
-            else None
-        )
-        try:
-            return pa_json.read_json(source, read_options=read_options, parse_options=options)
-        except (pa.lib.ArrowException, _NotPlain):
-            return None
-
     with open(scanned.path, "rb") as handle:
         head = handle.read(_SCHEMA_PREFIX_BYTES)
     head = head[: head.rfind(b"\n") + 1]
     first = None
     if head and _LineScan().feed(head):
-        first = parse(pa.BufferReader(head))
+        first = _parse_json(pa.BufferReader(head))
     table = None
     if first is not None and first.num_columns:
-        table = parse(pa.PythonFile(scanned, mode="r"), first.schema)
+        table = _parse_json(pa.PythonFile(scanned, mode="r"), first.schema)
     lines = scanned.drain()
     if lines is None:
         return None
     # New fields or types further on (or a first line Arrow cannot read): the whole file is scanned by now.
     if table is None:
-        inferred = parse(scanned.path)
+        inferred = _parse_json(scanned.path)
         table = (
-            parse(scanned.path, inferred.schema) if inferred is not None and inferred.num_columns else None
+            _parse_json(scanned.path, inferred.schema)
+            if inferred is not None and inferred.num_columns
+            else None
         )
     return None if table is None else (table, lines)
 
 
-def fast_jsonl(source, name: str, resolve, seen_ids: dict, *, only_source: bool):
+def fast_jsonl(
+    source, name: str, resolve, seen_ids: dict, *, only_source: bool, memo_dir: Path | None = None
+):
     """A `.jsonl` source of valid rows, read in bulk -> (table, conversations, fingerprint part, layout, tag,
     conversations fingerprint or None); None for any other source, or as soon as anything is off (the
-    row-by-row path then reads it)."""
+    row-by-row path then reads it). What the read learns is kept under `memo_dir` (`_ReadMemo`) for the next
+    read of the same, unchanged file."""
     path = Path(source)
     if path.suffix.lower() != ".jsonl" or not path.is_file():
         return None
-    digest = _HashInBackground(hashlib.sha256())
-    read = _read_json(_ScannedFile(path, digest))
-    if read is None:
-        return None
-    table, lines = read
+    started, before = time.time_ns(), _file_identity(path)
+    memo = _ReadMemo.load(memo_dir, path, before)
+    table = _parse_json(str(path), memo.schema) if memo is not None else None
+    if table is None or _file_identity(path) != before:  # no memo, or the file changed while it was parsed
+        digest = _HashInBackground(hashlib.sha256())
+        read = _read_json(_ScannedFile(path, digest))
+        if read is None:
+            return None
+        table, lines = read
+        memo = _ReadMemo(before, digest.hexdigest(), lines, table.schema, {})
+        learned = True
+    else:
+        lines, learned = memo.lines, False
     if table.num_rows != lines or any(_read_differently(f.type) for f in table.schema):
         return None  # two objects on a line, or a string Arrow reads as a date
     if any(_huge_floats(table.column(i)) for i in range(table.num_columns)):
         return None
     if _inference_sorts_struct_fields():
-        schema = pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in table.schema])
-        if schema != table.schema:
+        sorted_schema = pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in table.schema])
+        if sorted_schema != table.schema:
             try:
-                table = table.cast(schema)
+                table = table.cast(sorted_schema)
             except pa.lib.ArrowException:
                 return None  # pyarrow 21 cannot cast some inferred types (a list of nulls): read row by row
     try:
         layout, tag = resolve(table.column_names, name)
     except DeitaHubError:
         return None  # the row-by-row path says it, after any bad line
-    spelled = _HashInBackground(hashlib.sha256())
+    known = memo.spelled.get(tag)
+    spelled = None if known else _HashInBackground(hashlib.sha256())
     conversations = _conversations_in_bulk(table, layout, spelled)
     if conversations is None or not _ids_unique(table, name, seen_ids, only_source=only_source):
         return None
     # The conversations' fingerprint, when Arrow spelled it (ShareGPT/OpenAI turns): of this source alone.
-    fingerprint = None if spelled.hexdigest() == _EMPTY_SHA256 else "sha256:" + spelled.hexdigest()
-    return table, conversations, digest.hexdigest(), layout, tag, fingerprint
+    fingerprint = known
+    if spelled is not None and spelled.hexdigest() != _EMPTY_SHA256:
+        fingerprint = memo.spelled[tag] = "sha256:" + spelled.hexdigest()
+        learned = True
+    if learned:
+        memo.save(memo_dir, path, started)
+    return table, conversations, memo.digest, layout, tag, fingerprint
+
+
+# --- what a bulk read learned, kept for the next read of the same file --------------------------------------------
+#
+# A large JSONL pool's first read costs about twice Arrow's parse: the scan that guards the parse, the hash of the
+# file's bytes, and the spelling and hash of its canonical conversations (1M rows, 1.5 GB, 2 cores: 8.7 s, the
+# parse alone 4.1 s). Each command reads the pool again (score, embed, select, every build of a recipe being
+# tuned), and an unchanged file needs none of that work again: its next read parses it against the schema it had
+# and takes both fingerprints from the memo. "Unchanged" is git's test for its index: the same device, inode,
+# size, mtime and ctime. A write changes the ctime, which no user call can set back, so a memo is only kept for a
+# file whose ctime was settled before the read began (a write in the same clock tick would go unseen) and whose
+# identity did not move during it.
+_MEMO_FORMAT = 1  # bump when what a read checks, or how it spells a fingerprint, changes
+_MEMO_MIN_BYTES = 1 << 26  # smaller files are read in under a second: no memo
+_MEMO_SETTLED_NS = (
+    2 * 10**9
+)  # file systems with 1-2 s timestamps (FAT, some network mounts) round a write down
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {
+        "path": str(path.resolve()),
+        "device": stat.st_dev,
+        "inode": stat.st_ino,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "format": _MEMO_FORMAT,
+        "deita_hub": __version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+@dataclass
+class _ReadMemo:
+    """What a bulk read of one JSONL file learned: the file's identity when read, its fingerprint part (sha256
+    of its bytes), its line count, the schema Arrow parsed it against, and its conversations' fingerprint per
+    resolved layout (a `--format` or role map that reads it differently is checked and spelled afresh)."""
+
+    identity: dict[str, Any]
+    digest: str
+    lines: int
+    schema: pa.Schema
+    spelled: dict[str, str]
+
+    @staticmethod
+    def _path(memo_dir: Path, identity: dict[str, Any]) -> Path:
+        key = hashlib.sha256(identity["path"].encode()).hexdigest()[
+            :24
+        ]  # one memo per file: a new one replaces it
+        return Path(memo_dir) / "pool-reads" / f"{key}.json"
+
+    @classmethod
+    def load(cls, memo_dir: Path | None, path: Path, identity: dict[str, Any]) -> _ReadMemo | None:
+        """The memo of `path` if one was kept and the file is unchanged since; None otherwise (or unreadable)."""
+        if memo_dir is None or identity["size"] < _MEMO_MIN_BYTES:
+            return None
+        try:
+            kept = json.loads(cls._path(memo_dir, identity).read_text(encoding="utf-8"))
+            if kept["identity"] != identity:
+                return None
+            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(kept["schema"])))
+            return cls(identity, kept["digest"], int(kept["lines"]), schema, dict(kept["spelled"]))
+        except (OSError, ValueError, KeyError, TypeError, pa.lib.ArrowException):
+            return None
+
+    def save(self, memo_dir: Path | None, path: Path, started_ns: int) -> None:
+        """Keep this memo for the next read, when the file qualifies (see above); a cache that cannot be written
+        costs the next read its time, never this one its result."""
+        if memo_dir is None or self.identity["size"] < _MEMO_MIN_BYTES:
+            return
+        if self.identity["ctime_ns"] > started_ns - _MEMO_SETTLED_NS:
+            return
+        try:
+            if _file_identity(path) != self.identity:
+                return
+            kept = {
+                "identity": self.identity,
+                "digest": self.digest,
+                "lines": self.lines,
+                "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode(),
+                "spelled": self.spelled,
+            }
+            target = self._path(memo_dir, self.identity)
+            with atomic_file(target) as tmp:
+                tmp.write_text(json.dumps(kept), encoding="utf-8")
+        except (OSError, DeitaHubError) as exc:
+            log.debug("could not keep the read memo of %s: %s", path, exc)
 
 
 @dataclass
@@ -930,11 +1043,13 @@ def read_pool(
     config: str | None = None,
     split: str = "train",
     revision: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Pool:
     """Read one or more sources (concatenated in order) into a Pool.
 
     `on_invalid="error"` raises on the first bad row (file, row, field, reason); `"skip"` drops bad rows and
-    records them in `Pool.invalid`.
+    records them in `Pool.invalid`. A large JSONL source's read is remembered under `cache_dir` (default
+    `$DEITA_HUB_CACHE`), so the next read of the unchanged file skips its checksums (`_ReadMemo`).
     """
     if on_invalid not in ON_INVALID:
         raise DeitaHubError(f"on_invalid must be one of {ON_INVALID}, got '{on_invalid}'")
@@ -944,6 +1059,7 @@ def read_pool(
     if not sources:
         raise DeitaHubError("no pool given")
     seen_ids: dict[str, tuple[int, str]] = {}  # each valid row's `id` -> (row, source) of its first holder
+    memo_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     def resolve(columns, name: str):
         source_spec = spec.resolve(columns)
@@ -962,7 +1078,7 @@ def read_pool(
     spelled = []  # per source read in bulk, its conversations' fingerprint (or None)
 
     def fast(source, name: str, resolve):
-        result = fast_jsonl(source, name, resolve, seen_ids, only_source=len(sources) == 1)
+        result = fast_jsonl(source, name, resolve, seen_ids, only_source=len(sources) == 1, memo_dir=memo_dir)
         spelled.append(result[-1] if result is not None else None)
         return result[:-1] if result is not None else None
 

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -408,3 +410,98 @@ def test_arrow_json_escaping_spells_strings_as_json_dumps():
     sliced = pa.array(["x", '"q"\n', "y"], pa.string()).slice(1, 1)  # the bytes of the slice only
     assert pool_module._json_escaped(sliced).to_pylist() == ['\\"q\\"\\n']
     assert pool_module._json_escaped(pa.array(["plain"], pa.string())).to_pylist() == ["plain"]
+
+
+# --- the read memo: an unchanged large JSONL file is read again without its scan and checksums -----------------
+
+
+@pytest.fixture
+def memo_dir(monkeypatch, tmp_path):
+    """A cache folder that keeps memos of any file, however small or recently written (by default: 64 MiB and
+    more, written 2 s or more before the read)."""
+    monkeypatch.setattr(pool_module, "_MEMO_MIN_BYTES", 0)
+    monkeypatch.setattr(pool_module, "_MEMO_SETTLED_NS", 0)
+    return tmp_path / "cache"
+
+
+def _full_reads(monkeypatch) -> list:
+    """The files read in full: scanned and hashed as Arrow parses them (what a memo spares)."""
+    scanned = []
+    real = pool_module._ScannedFile.__init__
+    monkeypatch.setattr(
+        pool_module._ScannedFile,
+        "__init__",
+        lambda self, path, digest: scanned.append(path) or real(self, path, digest),
+    )
+    return scanned
+
+
+def _same_pool(pool, exact) -> bool:
+    return (
+        pool.table.equals(exact.table)
+        and pool.conversations == exact.conversations
+        and pool.rows.tolist() == exact.rows.tolist()
+        and (pool.fingerprint, pool.conversations_fingerprint)
+        == (exact.fingerprint, exact.conversations_fingerprint)
+    )
+
+
+def test_an_unchanged_file_is_read_again_from_its_memo(tmp_path, monkeypatch, memo_dir):
+    rows, spec = BULK_POOLS["openai"]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    exact = _row_by_row(monkeypatch, path, spec)
+    scanned = _full_reads(monkeypatch)
+    first = read_pool(path, spec, cache_dir=memo_dir)
+    again = read_pool(path, spec, cache_dir=memo_dir)
+    assert scanned == [path] and len(list((memo_dir / "pool-reads").iterdir())) == 1
+    assert _same_pool(first, exact) and _same_pool(again, exact)
+    assert "conversations_fingerprint" in again.__dict__  # from the memo, not spelled again on first use
+    # The same file read as another layout (a role map): its rows are checked and spelled afresh, not scanned.
+    other = FormatSpec(role_map={"bot": "assistant", "system": "user"})
+    with pytest.raises(DeitaHubError):
+        _row_by_row(monkeypatch, path, other)  # a system turn read as a user turn breaks the alternation
+    assert pytest.raises(DeitaHubError, read_pool, path, other, cache_dir=memo_dir)
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", ROWS)
+    read_pool(sharegpt, cache_dir=memo_dir)
+    typed = FormatSpec(role_map={"human": "user"})  # another layout tag, the same conversations
+    assert _same_pool(
+        read_pool(sharegpt, typed, cache_dir=memo_dir), _row_by_row(monkeypatch, sharegpt, typed)
+    )
+    assert scanned == [path, sharegpt]
+
+
+def test_a_changed_file_is_never_read_from_its_memo(tmp_path, monkeypatch, memo_dir):
+    """Same size, same mtime, other bytes: the ctime, which a write always moves, tells."""
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    before = read_pool(path, cache_dir=memo_dir)
+    stat = path.stat()
+    time.sleep(0.05)  # past the clock tick that stamped the first write
+    path.write_text(path.read_text().replace("answer 3", "ANSWER 3"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    scanned = _full_reads(monkeypatch)
+    after = read_pool(path, cache_dir=memo_dir)
+    assert scanned == [path] and after.conversations[3][1]["content"] == "ANSWER 3"
+    assert _same_pool(after, _row_by_row(monkeypatch, path))
+    assert after.fingerprint != before.fingerprint
+
+
+def test_a_file_written_moments_before_its_read_keeps_no_memo(tmp_path, monkeypatch):
+    """A write in the clock tick of the read could go unseen by the ctime: such a file is read in full next time."""
+    monkeypatch.setattr(pool_module, "_MEMO_MIN_BYTES", 0)
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    read_pool(path, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_damaged_or_unwritable_memo_costs_time_not_results(tmp_path, monkeypatch, memo_dir):
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    exact = read_pool(path, cache_dir=memo_dir)
+    (kept,) = (memo_dir / "pool-reads").iterdir()
+    kept.write_text('{"identity": ')
+    scanned = _full_reads(monkeypatch)
+    assert _same_pool(read_pool(path, cache_dir=memo_dir), exact) and scanned == [path]
+    assert json.loads(kept.read_text())["lines"] == len(ROWS)  # kept again
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert _same_pool(read_pool(path, cache_dir=not_a_folder), exact)

@@ -30,7 +30,7 @@ from typing import Any
 
 from deita_hub import __version__
 from deita_hub.errors import DeitaHubError
-from deita_hub.io import atomic_folder, file_lock, write_text
+from deita_hub.io import atomic_folder, default_cache_dir, file_lock, write_text
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,6 @@ class Tokenized:
 
 
 def cache_root() -> Path:
-    from deita_hub.dataset import default_cache_dir
-
     return default_cache_dir() / "tokenized"
 
 
