@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -394,7 +395,7 @@ def test_bulk_conversations_act_as_the_list_the_row_by_row_read_gives(tmp_path, 
     assert isinstance(joined, list) and joined == expected[:6] + expected[:1]
 
 
-def test_arrow_json_escaping_spells_strings_as_json_dumps():
+def test_arrow_json_escaping_spells_strings_as_json_dumps(monkeypatch):
     """The bulk read's conversations fingerprint spells contents as json.dumps does (ensure_ascii=False): every
     ASCII character, alone and next to others, and characters json leaves as they are."""
     from json.encoder import encode_basestring
@@ -410,6 +411,14 @@ def test_arrow_json_escaping_spells_strings_as_json_dumps():
     sliced = pa.array(["x", '"q"\n', "y"], pa.string()).slice(1, 1)  # the bytes of the slice only
     assert pool_module._json_escaped(sliced).to_pylist() == ['\\"q\\"\\n']
     assert pool_module._json_escaped(pa.array(["plain"], pa.string())).to_pylist() == ["plain"]
+    # Characters to escape at a string's ends, side by side, alone, in empty neighbours, beside multi-byte ones,
+    # across the scan's slices, in a slice of an array.
+    monkeypatch.setattr(pool_module, "_ESCAPE_SCAN_BYTES", 7)
+    rng = random.Random(0)
+    alphabet = ["a", "\n", '"', "\\", "\x00", "\x1f", "\x7f", "é", "\U0001f600", "\t"]
+    texts = ["".join(rng.choices(alphabet, k=rng.randrange(0, 9))) for _ in range(500)] + ["\n", "", '"']
+    array = pa.array(["\n"] + texts, pa.string()).slice(1)
+    assert pool_module._json_escaped(array).to_pylist() == [encode_basestring(text)[1:-1] for text in texts]
 
 
 # --- the read memo: an unchanged large JSONL file is read again without its scan and checksums -----------------
