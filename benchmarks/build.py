@@ -8,10 +8,12 @@ The pool (JSONL, ~1.5 KB a row, Deita-like 1-2 turns with scores) and the cluste
 distinct directions than the largest budget, so the selection scans every row) are generated first, into
 --workdir (kept, so a rerun skips generation) or a temporary folder. Then processes, each with its own peak RSS:
 
-  pool    `read_pool` of the JSONL + the evol scores (what every command starts with);
+  pool    `read_pool` of the JSONL + the evol scores (what every command starts with), then `read_pool` of the
+          unchanged file again (the read memo the first read kept: the baseline is the first read);
   build   `deita_hub.dataset.build` of a four-subset recipe, with the time and resident memory after each of its
           steps; then the Deita walk's matrix products (`Selection.products`) replayed as bare float32 GEMMs of
-          the same shapes: the floor a blockwise exact filter can approach;
+          the same shapes: the floor a blockwise exact filter can approach. Twice: a build of a file read for the
+          first time (its read memo removed), then a build of the unchanged file;
   select  (--select-process) the walk alone over the memory-mapped matrix, replayed the same way.
 
 Goals (issue 16, 2 cores, 24 GB): each process's peak RSS <= 1x the embedding matrix (the pool streamed, the
