@@ -640,9 +640,8 @@ def _json_escaped(contents: pa.Array) -> pa.Array:
     # The cuts, in order: each string's bounds, and each special byte's start and end. Where cuts coincide, a
     # string's bound comes first and a byte's start last, so each special byte is the piece after its start.
     string = np.searchsorted(bounds, special, side="right") - 1  # the string each special byte is in
-    earlier = np.concatenate(
-        ([0], np.cumsum(np.bincount(string, minlength=len(bounds) - 1)))
-    )  # before string i
+    # special bytes before string i
+    earlier = np.concatenate(([0], np.cumsum(np.bincount(string, minlength=len(bounds) - 1))))
     last = special + 1 == bounds[string + 1]  # the last byte of its string
     follows_last = np.zeros(len(bounds), dtype=np.int64)
     follows_last[string[last] + 1] = 1
@@ -901,8 +900,8 @@ def fast_jsonl(
 # --- what a bulk read learned, kept for the next read of the same file --------------------------------------------
 #
 # A large JSONL pool's first read costs about twice Arrow's parse: the scan that guards the parse, the hash of the
-# file's bytes, and the spelling and hash of its canonical conversations (1M rows, 1.5 GB, 2 cores: 8.7 s, the
-# parse alone 4.1 s). Each command reads the pool again (score, embed, select, every build of a recipe being
+# file's bytes, and the spelling and hash of its canonical conversations (1M rows, 1.6 GB, 2 cores: 9.2-10.4 s;
+# read again with its memo 4.5 s). Each command reads the pool again (score, embed, select, every build of a recipe being
 # tuned), and an unchanged file needs none of that work again: its next read parses it against the schema it had
 # and takes both fingerprints from the memo. "Unchanged" is git's test for its index: the same device, inode,
 # size, mtime and ctime. A write changes the ctime, which no user call can set back, so a memo is only kept for a
@@ -910,9 +909,8 @@ def fast_jsonl(
 # identity did not move during it.
 _MEMO_FORMAT = 1  # bump when what a read checks, or how it spells a fingerprint, changes
 _MEMO_MIN_BYTES = 1 << 26  # smaller files are read in under a second: no memo
-_MEMO_SETTLED_NS = (
-    2 * 10**9
-)  # file systems with 1-2 s timestamps (FAT, some network mounts) round a write down
+# File systems with 1-2 s timestamps (FAT, some network mounts) round a write's time down by up to that much.
+_MEMO_SETTLED_NS = 2 * 10**9
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
@@ -944,9 +942,8 @@ class _ReadMemo:
 
     @staticmethod
     def _path(memo_dir: Path, identity: dict[str, Any]) -> Path:
-        key = hashlib.sha256(identity["path"].encode()).hexdigest()[
-            :24
-        ]  # one memo per file: a new one replaces it
+        # One memo per file (by its resolved path): a later read's memo replaces it.
+        key = hashlib.sha256(identity["path"].encode()).hexdigest()[:24]
         return Path(memo_dir) / "pool-reads" / f"{key}.json"
 
     @classmethod
