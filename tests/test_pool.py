@@ -514,3 +514,17 @@ def test_a_damaged_or_unwritable_memo_costs_time_not_results(tmp_path, monkeypat
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     assert _same_pool(read_pool(path, cache_dir=not_a_folder), exact)
+
+
+def test_a_build_keeps_its_read_memo_in_its_cache(tmp_path, monkeypatch, memo_dir):
+    from deita_hub.dataset import load_recipe_pool
+    from deita_hub.recipes import load_recipe
+
+    write_jsonl(tmp_path / "p.jsonl", ROWS)
+    (tmp_path / "r.yaml").write_text(
+        "name: t\npool: {sources: [p.jsonl]}\nconfigs: [{name: r, method: random, budget: 2}]\n"
+    )
+    monkeypatch.setenv("DEITA_HUB_CACHE", str(tmp_path / "elsewhere"))
+    pool = load_recipe_pool(load_recipe(tmp_path / "r.yaml"), memo_dir)
+    assert len(pool) == len(ROWS) and len(list((memo_dir / "pool-reads").iterdir())) == 1
+    assert not (tmp_path / "elsewhere").exists()
