@@ -528,3 +528,22 @@ def test_a_build_keeps_its_read_memo_in_its_cache(tmp_path, monkeypatch, memo_di
     pool = load_recipe_pool(load_recipe(tmp_path / "r.yaml"), memo_dir)
     assert len(pool) == len(ROWS) and len(list((memo_dir / "pool-reads").iterdir())) == 1
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_file_changed_while_its_memo_read_parses_it_is_read_in_full(tmp_path, monkeypatch, memo_dir):
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    read_pool(path, cache_dir=memo_dir)
+    real, changed = pool_module._parse_json, []
+
+    def parse_then_write(source, schema=None):
+        table = real(source, schema)
+        if not changed:  # the memo's parse, then another program rewrites the file
+            time.sleep(0.05)
+            changed.append(write_jsonl(path, [*ROWS[:4], {**ROWS[4], "id": "new"}]))
+        return table
+
+    monkeypatch.setattr(pool_module, "_parse_json", parse_then_write)
+    scanned = _full_reads(monkeypatch)
+    pool = read_pool(path, cache_dir=memo_dir)
+    assert changed and scanned == [path] and pool.table.column("id").to_pylist()[-1] == "new"
+    assert _same_pool(pool, _row_by_row(monkeypatch, path))
