@@ -707,8 +707,8 @@ def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Se
         kind.value_type.field(i).name: kind.value_type.field(i).type
         for i in range(kind.value_type.num_fields)
     }
-    if not (pa.types.is_string(fields.get(role_key)) and pa.types.is_string(fields.get(content_key))):
-        return None
+    if not all(key in fields and pa.types.is_string(fields[key]) for key in (role_key, content_key)):
+        return None  # a turn without its role or content: the row-by-row path names the row and field
 
     def checked(chunk: pa.Array) -> tuple[ArrowConversations, np.ndarray | None] | None:
         """One chunk's conversations and its fingerprint lines (when `digest`), or None when a row breaks a rule."""

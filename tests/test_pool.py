@@ -267,27 +267,30 @@ def test_bulk_jsonl_parsed_against_a_schema_reads_what_the_row_by_row_read_reads
     assert bulk.table.column_names == exact.table.column_names == list(rows[1])
 
 
-HANDED_OFF = {
+HANDED_OFF = {  # each after a valid line
     "unknown role": '{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}\n',
     "blank answer": '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " \\u3000"}]}\n',
     "no answer": '{"conversations": [{"from": "human", "value": "q"}]}\n',
     "no value": '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}\n',
-    "null line": "null\n",  # Arrow's reader crashes on a first line `null`: never handed one
-    "deep": '{"conversations": [], "x": ' + "[" * 20000 + "]" * 20000 + "}\n",  # nor one nested this deep
+    "deep": '{"conversations": [], "x": ' + "[" * 20000 + "]" * 20000 + "}\n",  # nested too deep for Arrow
     "two on a line": json.dumps(ROWS[1]) + json.dumps(ROWS[2]) + "\n",
     "blank line": "\n",
-    "byte-order mark": "\ufeff",
     "big integer": '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], '
     '"n": 18446744073709551616}\n',
     "duplicate id": ROWS_LINE,
 }
+HANDED_OFF_FIRST = {  # files that open with it
+    "null line": "null\n" + ROWS_LINE,  # Arrow's reader crashes on a first line `null`: never handed one
+    "byte-order mark": "\ufeff" + ROWS_LINE,
+    "no turn has a value": '{"conversations": [{"from": "human", "content": "q"}, {"from": "gpt", "content": "a"}]}\n',
+    "turns with no field": '{"conversations": [{}]}\n',
+}
 
 
-@pytest.mark.parametrize("case", sorted(HANDED_OFF))
+@pytest.mark.parametrize("case", sorted(HANDED_OFF | HANDED_OFF_FIRST))
 def test_bulk_jsonl_hands_anything_unusual_to_the_row_by_row_path(tmp_path, monkeypatch, case):
-    text = HANDED_OFF[case] + ROWS_LINE if case == "byte-order mark" else ROWS_LINE + HANDED_OFF[case]
     path = tmp_path / "p.jsonl"
-    path.write_text(text if case != "null line" else HANDED_OFF[case] + ROWS_LINE, encoding="utf-8")
+    path.write_text(HANDED_OFF_FIRST.get(case) or ROWS_LINE + HANDED_OFF[case], encoding="utf-8")
     for on_invalid in ("error", "skip"):
         try:
             expected = _row_by_row(monkeypatch, path, on_invalid=on_invalid)
