@@ -545,8 +545,12 @@ class _ScannedFile:
 
 
 def _read_differently(kind: pa.DataType) -> bool:
-    """Types Arrow's JSON reader infers where the row-by-row path keeps strings (timestamps) or errs."""
+    """Types Arrow's JSON reader infers where the row-by-row path keeps strings (timestamps) or errs, and lists of
+    nulls, which it reads into an invalid array (pyarrow 26: `[null, null]` after a row without the field gives
+    list offsets past the end of the values)."""
     if pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
+        return True
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_null(kind.value_type):
         return True
     return any(_read_differently(kind.field(i).type) for i in range(kind.num_fields))
 

@@ -278,6 +278,8 @@ HANDED_OFF = {  # each after a valid line
     "big integer": '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], '
     '"n": 18446744073709551616}\n',
     "duplicate id": ROWS_LINE,
+    "list of nulls": json.dumps({**ROWS[1], "x": [None, None]})
+    + "\n",  # Arrow reads it into an invalid array
 }
 HANDED_OFF_FIRST = {  # files that open with it
     "null line": "null\n" + ROWS_LINE,  # Arrow's reader crashes on a first line `null`: never handed one

@@ -90,6 +90,8 @@ def test_pool_reader_on_arbitrary_bytes(tmp_path, suffix, data):
 @example(rows={"": [None, None]})
 # Found in CI: turns with no field at all (the bulk read looked a missing role/content type up as None).
 @example(rows=[{"conversations": [{}]}])
+# Found with more examples: Arrow's JSON reader reads a list of nulls after a row without it into an invalid array.
+@example(rows=[{"output": None}, {"instruction": [None, None]}])
 def test_pool_reader_on_arbitrary_json(tmp_path, suffix, rows):
     folder = Folder(tmp_path)
     path = folder.path / f"pool{suffix}"
