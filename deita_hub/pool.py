@@ -545,12 +545,8 @@ class _ScannedFile:
 
 
 def _read_differently(kind: pa.DataType) -> bool:
-    """Types Arrow's JSON reader infers where the row-by-row path keeps strings (timestamps) or errs, and lists of
-    nulls, which it reads into an invalid array (pyarrow 26: `[null, null]` after a row without the field gives
-    list offsets past the end of the values)."""
+    """Types Arrow's JSON reader infers where the row-by-row path keeps strings (timestamps) or errs."""
     if pa.types.is_timestamp(kind) or pa.types.is_date(kind) or pa.types.is_time(kind):
-        return True
-    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_null(kind.value_type):
         return True
     return any(_read_differently(kind.field(i).type) for i in range(kind.num_fields))
 
@@ -568,6 +564,17 @@ def _huge_floats(column: pa.ChunkedArray) -> bool:
         largest = pc.max(pc.abs(column)).as_py()
         return largest is not None and largest >= 2.0**53
     return False
+
+
+def _structurally_valid(table: pa.Table) -> bool:
+    """Whether Arrow's JSON reader made valid arrays (cheap checks: buffer sizes and end offsets). It does not
+    always: a list of nulls after a row without the field comes out with offsets past its values (pyarrow 21
+    and 26)."""
+    try:
+        table.validate()
+    except pa.lib.ArrowInvalid:
+        return False
+    return True
 
 
 @functools.cache
@@ -873,7 +880,7 @@ def fast_jsonl(
         lines, learned = memo.lines, False
     if table.num_rows != lines or any(_read_differently(f.type) for f in table.schema):
         return None  # two objects on a line, or a string Arrow reads as a date
-    if any(_huge_floats(table.column(i)) for i in range(table.num_columns)):
+    if any(_huge_floats(table.column(i)) for i in range(table.num_columns)) or not _structurally_valid(table):
         return None
     if _inference_sorts_struct_fields():
         sorted_schema = pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in table.schema])
