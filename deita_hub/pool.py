@@ -462,12 +462,18 @@ class _HashInBackground:
 
 
 class _LineScan:
-    """Whether a JSONL file's lines may be handed to Arrow's reader: each opens with "{" and holds at most
-    `_BULK_MAX_OPENERS` "{"/"[" bytes. Fed the file a chunk at a time, in order; counts the lines."""
+    """Whether a JSONL file's lines may be handed to Arrow's reader, fed the file a chunk at a time, in order;
+    counts the lines. Every line must open with "{" (Arrow's reader crashes on a first line `null`, and reads
+    other lines differently: a `null` line as a row of nulls, a blank line as none) and fit in one of its blocks
+    (a line across three blocks can abort pyarrow 21's reader). With `nesting`, a line also holds at most
+    `_BULK_MAX_OPENERS` "{"/"[" bytes (≥ its nesting depth): Arrow's reader crashes on a document nested ~10,000
+    levels deep when it infers the types. Parsing against a schema needs no such count: the reader stops at the
+    first value the schema does not hold, never deeper than the schema (pyarrow 21 and 26)."""
 
-    def __init__(self):
-        self.plain, self.newlines = True, 0
-        self.at_line_start, self.openers = True, 0  # carried across chunks: the open line's state
+    def __init__(self, *, nesting: bool):
+        self.nesting, self.plain, self.newlines = nesting, True, 0
+        self.fed, self.line_start = 0, 0  # bytes fed so far; where the open line starts
+        self.openers = 0  # carried across chunks: the open line's "{"/"[" count
 
     def feed(self, data: bytes) -> bool:
         """Scan the next chunk; False once any line so far may not be handed to Arrow."""
@@ -475,32 +481,42 @@ class _LineScan:
             return self.plain
         chunk = np.frombuffer(data, dtype=np.uint8)
         newlines = np.flatnonzero(chunk == 10)
-        self.newlines += len(newlines)
         starts = newlines + 1
         starts = starts[starts < len(chunk)]
-        if self.at_line_start:
-            starts = np.concatenate(([0], starts))
-        if len(starts) and (chunk[starts] != 0x7B).any():
+        at_line_start = self.line_start == self.fed
+        if (at_line_start and chunk[0] != 0x7B) or (chunk[starts] != 0x7B).any():
             self.plain = False
             return False
-        openings = np.flatnonzero((chunk == 0x7B) | (chunk == 0x5B))
-        per_line = np.diff(np.searchsorted(openings, newlines), prepend=0)  # lines ending in this chunk
-        if len(per_line):
-            per_line[0] += self.openers
-        self.openers = (
-            (0 if len(newlines) else self.openers)
-            + len(openings)
-            - (int(np.searchsorted(openings, newlines[-1])) if len(newlines) else 0)
+        ends = newlines + (self.fed + 1)  # where each line ending in this chunk ends, in the file
+        last_start = int(ends[-1]) if len(ends) else self.line_start
+        longest = max(
+            int(np.diff(ends, prepend=self.line_start).max()) if len(ends) else 0,
+            self.fed + len(chunk) - last_start,  # the open line, so far
         )
-        if (len(per_line) and per_line.max() > _BULK_MAX_OPENERS) or self.openers > _BULK_MAX_OPENERS:
+        if longest > _JSON_BLOCK_BYTES:
             self.plain = False
-        self.at_line_start = data.endswith(b"\n")
+            return False
+        if self.nesting:
+            openings = np.flatnonzero((chunk == 0x7B) | (chunk == 0x5B))
+            per_line = np.diff(np.searchsorted(openings, newlines), prepend=0)  # lines ending in this chunk
+            if len(per_line):
+                per_line[0] += self.openers
+            self.openers = (
+                (0 if len(newlines) else self.openers)
+                + len(openings)
+                - (int(np.searchsorted(openings, newlines[-1])) if len(newlines) else 0)
+            )
+            if (len(per_line) and per_line.max() > _BULK_MAX_OPENERS) or self.openers > _BULK_MAX_OPENERS:
+                self.plain = False
+        self.newlines += len(newlines)
+        self.fed += len(chunk)
+        self.line_start = last_start
         return self.plain
 
     @property
     def lines(self) -> int | None:
         """The lines fed (a last one without a newline counts), or None when they may not be handed to Arrow."""
-        return (self.newlines + (not self.at_line_start)) if self.plain else None
+        return (self.newlines + (self.line_start < self.fed)) if self.plain else None
 
 
 class _NotPlain(Exception):
@@ -508,13 +524,13 @@ class _NotPlain(Exception):
 
 
 class _ScannedFile:
-    """A JSONL file as Arrow's reader pulls it: each chunk is fed to `digest` (as `_hash_path` feeds it) and to a
-    `_LineScan` before Arrow gets it, and the read stops at a chunk with a line Arrow must not be given. So the
-    scan and the hash run while Arrow parses, not before it (a 1.5 GB pool: 6.4 s scanned then parsed, 5.7 s
-    scanned while parsed)."""
+    """A JSONL file as Arrow's reader pulls it, parsing it against a schema: each chunk is fed to `digest` (as
+    `_hash_path` feeds it) and to a `_LineScan` before Arrow gets it, and the read stops at a chunk with a line
+    Arrow must not be given. So the scan and the hash run while Arrow parses, not before it (a 1.5 GB pool: 6.4 s
+    scanned then parsed, 5.7 s scanned while parsed)."""
 
     def __init__(self, path: Path, digest):
-        self.path, self.digest, self.scan = path, digest, _LineScan()
+        self.path, self.digest, self.scan = path, digest, _LineScan(nesting=False)
         self.handle = open(path, "rb")  # noqa: SIM115 - closed by drain()
         digest.update(path.name.encode())
 
@@ -603,7 +619,7 @@ _ESCAPED = pa.array([json.dumps(chr(b))[1:-1] for b in _ESCAPED_BYTES], pa.strin
 _ESCAPE_INDEX = np.zeros(256, dtype=np.int32)
 _ESCAPE_INDEX[_ESCAPED_BYTES] = np.arange(len(_ESCAPED_BYTES))
 _ESCAPE_SCAN_BYTES = 1 << 18  # tested a slice at a time, so the masks stay in the CPU's cache
-# The constant pieces of a canonical line, then the turns' contents: `_fingerprint_lines` takes them in order.
+# The constant pieces of a canonical line: `_fingerprint_lines` takes them, the spellings and the contents' pieces.
 _PIECES = ["", ", ", "[", "]\n", '{"content": "'] + [f'", "role": "{role}"}}' for role in CANONICAL_ROLES]
 
 
@@ -633,73 +649,55 @@ def _bytes_to_escape(data: np.ndarray) -> np.ndarray:
     return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
 
-def _json_escaped(contents: pa.Array) -> pa.Array:
-    """Each string as json.dumps spells it between its quotes (`encode_basestring(text)[1:-1]`), by Arrow in one
-    gather, however many kinds of character need escaping: the bytes are cut before and after each byte to
-    escape (and at each string's ends), and the pieces taken back in order, each such byte as its spelling.
-    (Arrow's replace_substring per character took 4x longer on text with newlines, quotes and backslashes.)"""
+def _fingerprint_lines(contents: pa.Array, codes: np.ndarray, lengths: np.ndarray):
+    """The bytes `conversations_fingerprint` hashes for these conversations (`lengths[i]` turns each, contents
+    `contents`, roles `CANONICAL_ROLES[codes]`): one `json.dumps(turns, ensure_ascii=False, sort_keys=True)` line
+    per conversation, assembled by Arrow in one gather. Each content is cut before and after each byte json
+    escapes, and the line taken in order: "[", then per turn [", " but before the first] '{"content": "', the
+    content's pieces (each byte to escape as json spells it), '", "role": "..."}', then "]\n". (Arrow's
+    replace_substring per character to escape took 4x longer on text with newlines, quotes and backslashes.)"""
     data = _string_bytes(contents)
     special = _bytes_to_escape(data)
-    if not len(special):
-        return contents
     _, offsets_buffer, data_buffer = contents.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[
         contents.offset : contents.offset + len(contents) + 1
     ]
     base = int(offsets[0])
-    bounds = offsets - base  # string i is data[bounds[i]:bounds[i + 1]]
-    # The cuts, in order: each string's bounds, and each special byte's start and end. Where cuts coincide, a
-    # string's bound comes first and a byte's start last, so each special byte is the piece after its start.
-    string = np.searchsorted(bounds, special, side="right") - 1  # the string each special byte is in
-    # special bytes before string i
-    earlier = np.concatenate(([0], np.cumsum(np.bincount(string, minlength=len(bounds) - 1))))
-    last = special + 1 == bounds[string + 1]  # the last byte of its string
+    bounds = offsets - base  # turn i's content is data[bounds[i]:bounds[i + 1]]
+    # The cuts, in order: each content's bounds, and each special byte's start and end. Where cuts coincide, a
+    # content's bound comes first and a byte's start last, so each special byte is the piece after its start.
+    turn_of = np.searchsorted(bounds, special, side="right") - 1  # the turn each special byte is in
+    earlier = np.concatenate(([0], np.cumsum(np.bincount(turn_of, minlength=len(bounds) - 1))))
+    last = special + 1 == bounds[turn_of + 1]  # the last byte of its content
     follows_last = np.zeros(len(bounds), dtype=np.int64)
-    follows_last[string[last] + 1] = 1
-    bound_cut = np.arange(len(bounds)) + 2 * earlier - follows_last
-    start_cut = string + 1 + 2 * np.arange(len(special))
-    end_cut = start_cut + 1 + last
+    follows_last[turn_of[last] + 1] = 1
+    bound_cut = np.arange(len(bounds)) + 2 * earlier - follows_last  # turn i's pieces: bound_cut[i]:[i + 1]
+    start_cut = turn_of + 1 + 2 * np.arange(len(special))  # the piece that is each special byte
     cuts = np.empty(len(bounds) + 2 * len(special), dtype=np.int32)
-    cuts[bound_cut], cuts[start_cut], cuts[end_cut] = bounds, special, special + 1
+    cuts[bound_cut], cuts[start_cut], cuts[start_cut + 1 + last] = bounds, special, special + 1
     pieces = pa.StringArray.from_buffers(len(cuts) - 1, pa.py_buffer(cuts + np.int32(base)), data_buffer)
-    order = np.arange(len(_ESCAPED), len(_ESCAPED) + len(pieces), dtype=np.int32)
-    order[start_cut] = _ESCAPE_INDEX[data[special]]
-    spelled = pa.concat_arrays([_ESCAPED, pieces]).take(pa.array(order))
-    _, spelled_offsets, spelled_data = spelled.buffers()
-    starts = np.frombuffer(spelled_offsets, dtype=np.int32)[bound_cut]  # where each string's pieces begin
-    return pa.StringArray.from_buffers(len(contents), pa.py_buffer(starts), spelled_data)
 
-
-def _fingerprint_lines(contents: pa.Array, codes: np.ndarray, lengths: np.ndarray):
-    """The bytes `conversations_fingerprint` hashes for these conversations (`lengths[i]` turns each, contents
-    `contents`, roles `CANONICAL_ROLES[codes]`): one `json.dumps(turns, ensure_ascii=False, sort_keys=True)` line
-    per conversation, assembled by Arrow around the contents json's own string encoder spells (only where one
-    needs escaping)."""
-    contents = _json_escaped(contents)
-    # Per conversation "[", then per turn [", " but before the first] '{"content": "', content, '", "role": ..."}',
-    # then "]\n": indices into _PIECES + contents, taken in that order (one copy, no per-turn Python).
+    # Where each turn's block (separator, opening, pieces, closing) starts in the line bytes, each row's own
+    # "[" and the earlier rows' "[" and "]\n" before it.
     turns, rows = len(codes), len(lengths)
-    first = np.zeros(turns, dtype=bool)
-    first[np.cumsum(lengths)[:-1]] = True
-    first[0] = True
-    per_turn = np.stack(
-        [
-            np.where(first, 0, 1),
-            np.full(turns, 4),
-            len(_PIECES) + np.arange(turns),
-            5 + codes.astype(np.int64),
-        ],
-        axis=1,
-    )
+    per_turn = np.diff(bound_cut)
     row_of_turn = np.repeat(np.arange(rows), lengths)
-    # Place each row's turns between its "[" and "]\n": position of a turn's pieces = 4 * turn + 2 * row + 1.
-    order = np.empty(4 * turns + 2 * rows, dtype=np.int64)
-    starts = 4 * np.concatenate(([0], np.cumsum(lengths)[:-1])) + 2 * np.arange(rows)
-    order[starts] = 2
-    order[starts + 4 * lengths + 1] = 3
-    at = (4 * np.arange(turns) + 2 * row_of_turn + 1)[:, None] + np.arange(4)
-    order[at.ravel()] = per_turn.ravel()
-    return _string_bytes(pa.concat_arrays([pa.array(_PIECES, pa.string()), contents]).take(pa.array(order)))
+    first_turn = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    block = np.concatenate(([0], np.cumsum(3 + per_turn)[:-1])) + 2 * row_of_turn + 1
+    used = int(bound_cut[-1])  # the pieces in contents (after a last special byte, one more is empty)
+    order = np.empty(2 * rows + 3 * turns + used, dtype=np.int64)
+    order[block[first_turn] - 1] = 2  # "["
+    order[block[first_turn + lengths - 1] + 3 + per_turn[first_turn + lengths - 1]] = 3  # "]\n"
+    separator = np.ones(turns, dtype=np.int64)
+    separator[first_turn] = 0
+    order[block], order[block + 1] = separator, 4
+    order[block + 2 + per_turn] = 5 + codes.astype(np.int64)
+    constants = len(_PIECES) + len(_ESCAPED)
+    at = np.repeat(block + 2 - bound_cut[:-1], per_turn) + np.arange(used)  # each piece's place
+    order[at] = constants + np.arange(used)
+    order[at[start_cut]] = len(_PIECES) + _ESCAPE_INDEX[data[special]]
+    source = pa.concat_arrays([pa.array(_PIECES, pa.string()), _ESCAPED, pieces])
+    return _string_bytes(source.take(pa.array(order)))
 
 
 def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Sequence | None:
@@ -822,9 +820,19 @@ def _parse_json(source, schema: pa.Schema | None = None) -> pa.Table | None:
         return None
 
 
-def _read_json(scanned: _ScannedFile) -> tuple[pa.Table, int] | None:
-    """The JSONL file as Arrow's JSON reader reads it against a schema, with its line count; None when it cannot
-    read it or may not be given it (`scanned` says, as Arrow pulls the file through it).
+def _nesting_fine(path: Path) -> bool:
+    """Whether every line of the file passes `_LineScan`'s nesting count (what a parse that infers types needs)."""
+    scan = _LineScan(nesting=True)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_SCAN_BYTES), b""):
+            if not scan.feed(chunk):
+                return False
+    return True
+
+
+def _read_json(path: Path, digest) -> tuple[pa.Table, int] | None:
+    """The JSONL file as Arrow's JSON reader reads it against a schema, with its line count, its bytes fed to
+    `digest`; None when it cannot read it or may not be given it (`_LineScan` says).
 
     Arrow infers types well but misreads values while inferring: a list whose first item is null comes out
     wrong (`[null, false]` as `[false, false]` in pyarrow 26 and `[false]` in 21; `[null, "a"]` as a corrupt
@@ -832,26 +840,24 @@ def _read_json(scanned: _ScannedFile) -> tuple[pa.Table, int] | None:
     against a schema: the one inferred from the file's first lines (measured on a 1.5 GB pool: 3.0 s, against
     3.7 s for inferring throughout), with any field or type it does not hold an error; on which the schema is
     inferred from the whole file and the file parsed against that."""
-    with open(scanned.path, "rb") as handle:
+    with open(path, "rb") as handle:
         head = handle.read(_SCHEMA_PREFIX_BYTES)
     head = head[: head.rfind(b"\n") + 1]
     first = None
-    if head and _LineScan().feed(head):
+    if head and _LineScan(nesting=True).feed(head):
         first = _parse_json(pa.BufferReader(head))
+    scanned = _ScannedFile(path, digest)
     table = None
     if first is not None and first.num_columns:
         table = _parse_json(pa.PythonFile(scanned, mode="r"), first.schema)
     lines = scanned.drain()
     if lines is None:
         return None
-    # New fields or types further on (or a first line Arrow cannot read): the whole file is scanned by now.
+    # New fields or types further on (or a first line Arrow cannot read): the types are inferred from the whole
+    # file, once its lines pass the nesting count too.
     if table is None:
-        inferred = _parse_json(scanned.path)
-        table = (
-            _parse_json(scanned.path, inferred.schema)
-            if inferred is not None and inferred.num_columns
-            else None
-        )
+        inferred = _parse_json(path) if _nesting_fine(path) else None
+        table = _parse_json(path, inferred.schema) if inferred is not None and inferred.num_columns else None
     return None if table is None else (table, lines)
 
 
@@ -870,7 +876,7 @@ def fast_jsonl(
     table = _parse_json(str(path), memo.schema) if memo is not None else None
     if table is None or _file_identity(path) != before:  # no memo, or the file changed while it was parsed
         digest = _HashInBackground(hashlib.sha256())
-        read = _read_json(_ScannedFile(path, digest))
+        read = _read_json(path, digest)
         if read is None:
             return None
         table, lines = read
@@ -911,13 +917,13 @@ def fast_jsonl(
 # --- what a bulk read learned, kept for the next read of the same file --------------------------------------------
 #
 # A large JSONL pool's first read costs about twice Arrow's parse: the scan that guards the parse, the hash of the
-# file's bytes, and the spelling and hash of its canonical conversations (1M rows, 1.6 GB, 2 cores: 9.2-10.4 s;
-# read again with its memo 4.5 s). Each command reads the pool again (score, embed, select, every build of a recipe being
-# tuned), and an unchanged file needs none of that work again: its next read parses it against the schema it had
-# and takes both fingerprints from the memo. "Unchanged" is git's test for its index: the same device, inode,
-# size, mtime and ctime. A write changes the ctime, which no user call can set back, so a memo is only kept for a
-# file whose ctime was settled before the read began (a write in the same clock tick would go unseen) and whose
-# identity did not move during it.
+# file's bytes, and the spelling and hash of its canonical conversations (1M rows, 1.6 GB, 2 cores: 8.9-9.6 s; read
+# again with its memo 4.4-5.2 s). Each command reads the pool again (score, embed, select, every build of a recipe being
+# tuned), and an unchanged file needs none of that work again: its next read parses it against the schema it had and
+# takes both fingerprints from the memo. "Unchanged" is git's test for its index: the same device, inode, size, mtime
+# and ctime. A write changes the ctime, which no user call can set back, so a memo is only kept for a file whose ctime
+# was settled before the read began (a write in the same clock tick would go unseen) and whose identity did not move
+# during it.
 _MEMO_FORMAT = 1  # bump when what a read checks, or how it spells a fingerprint, changes
 _MEMO_MIN_BYTES = 1 << 26  # smaller files are read in under a second: no memo
 # File systems with 1-2 s timestamps (FAT, some network mounts) round a write's time down by up to that much.

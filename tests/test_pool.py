@@ -7,13 +7,14 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import pytest
 
 from deita_hub import pool as pool_module
-from deita_hub.conversations import FormatSpec
+from deita_hub.conversations import CANONICAL_ROLES, FormatSpec
 from deita_hub.errors import DeitaHubError
 from deita_hub.pool import read_pool
 
@@ -313,13 +314,34 @@ def test_bulk_jsonl_hands_anything_unusual_to_the_row_by_row_path(tmp_path, monk
 
 def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(pool_module, "_SCAN_BYTES", 7)
+
+    def scanned(text: str) -> int | None:
+        path.write_text(text, encoding="utf-8")
+        return pool_module._ScannedFile(path, hashlib.sha256()).drain()
+
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
     assert pool_module._ScannedFile(path, hashlib.sha256()).drain() == len(ROWS)
-    path.write_text(ROWS_LINE + '{"x": ' + "[" * 600 + "]" * 600 + ', "y": ' + "[" * 600 + "]" * 600 + "}\n")
+    # 1,200 openers on one line, read 7 at a time: a parse against a schema may have it, an inferring one not
     assert (
-        pool_module._ScannedFile(path, hashlib.sha256()).drain() is None
-    )  # 1,200 openers on one line, read 7 at a time
-    path.write_text(ROWS_LINE * 3 + ROWS_LINE.strip())  # no newline at the end
+        scanned(ROWS_LINE + '{"x": ' + "[" * 600 + "]" * 600 + ', "y": ' + "[" * 600 + "]" * 600 + "}\n") == 2
+    )
+    assert not pool_module._nesting_fine(path)
+    assert pool_module._nesting_fine(write_jsonl(tmp_path / "q.jsonl", ROWS))
+    # every line opens with "{": not a blank line, a `null`, a space
+    for text in (
+        ROWS_LINE + "\n" + ROWS_LINE,
+        ROWS_LINE + "null\n",
+        " " + ROWS_LINE,
+        ROWS_LINE + " " + ROWS_LINE,
+    ):
+        assert scanned(text) is None
+    # and fits in one of Arrow's blocks (newline included), the last line too
+    monkeypatch.setattr(pool_module, "_JSON_BLOCK_BYTES", len(ROWS_LINE))
+    assert scanned(ROWS_LINE * 3 + ROWS_LINE.strip() + " ") == 4
+    assert scanned(ROWS_LINE + ROWS_LINE.strip() + " \n" + ROWS_LINE) is None
+    assert scanned(ROWS_LINE * 3 + ROWS_LINE.strip() + "  ") is None
+    monkeypatch.undo()
+    assert scanned(ROWS_LINE * 3 + ROWS_LINE.strip()) == 4  # no newline at the end
     digest = hashlib.sha256()
     assert pool_module._ScannedFile(path, digest).drain() == 4
     reference = hashlib.sha256()
@@ -366,6 +388,48 @@ def test_bulk_read_hashes_and_scans_the_file_as_arrow_pulls_it(tmp_path, monkeyp
     assert str(bulk_error.value) == str(exact_error.value)
 
 
+def test_bulk_read_never_gives_arrow_a_line_longer_than_its_block(tmp_path, monkeypatch):
+    """A line Arrow's reader would read across three of its blocks can make pyarrow 21 abort the process (it
+    raises "straddling object straddles two block boundaries", then `terminate` is called when other blocks were
+    in flight): the scan stops the read before Arrow gets it, and the row-by-row path reads the file."""
+    monkeypatch.setattr(pool_module, "_JSON_BLOCK_BYTES", 512)
+    monkeypatch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", 512)
+    rows = [{**ROWS[i % len(ROWS)], "id": f"r{i}", "x": [[1]]} for i in range(300)]
+    rows[200]["conversations"] = [{"from": "human", "value": "long " * 400}, {"from": "gpt", "value": "a"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    exact = _row_by_row(monkeypatch, path)
+    used = _bulk_used(monkeypatch)
+    assert _same_pool(read_pool(path), exact) and used == [False]
+
+
+def test_bulk_read_parses_deep_nesting_only_against_a_schema(tmp_path, monkeypatch):
+    """Arrow's reader crashes on a line nested ~10,000 levels deep when it infers types. Against a schema it
+    stops at the first value the schema does not hold (here a list where the schema has a number), so the scan
+    that guards that parse needs no bracket count; the count keeps the line from the inferring parse that follows,
+    and the row-by-row path says why the line cannot be read."""
+    monkeypatch.setattr(pool_module, "_JSON_BLOCK_BYTES", 1 << 16)
+    monkeypatch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", 512)
+    lines = [json.dumps({**ROWS[i % len(ROWS)], "id": f"r{i}", "x": [[1]]}) + "\n" for i in range(300)]
+    lines[200] = '{"id": "deep", "x": ' + "[" * 20_000 + "]" * 20_000 + "}\n"
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(lines))
+    given = []
+    real_read_json = pa_json.read_json
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            pa_json, "read_json", lambda source, **k: given.append(k) or real_read_json(source, **k)
+        )
+        with pytest.raises(DeitaHubError) as bulk:
+            read_pool(path)
+    assert [k.get("parse_options") is not None for k in given] == [
+        False,
+        True,
+    ]  # the first lines', then a schema
+    with pytest.raises(DeitaHubError) as exact:
+        _row_by_row(monkeypatch, path)
+    assert str(bulk.value) == str(exact.value)
+
+
 def test_bulk_conversations_act_as_the_list_the_row_by_row_read_gives(tmp_path, monkeypatch):
     """A bulk read keeps conversations as Arrow columns (no Python dicts per turn until one is read): indexing,
     slices, iteration, response lengths, pickling and several sources must give what the list gives."""
@@ -400,10 +464,34 @@ def test_bulk_conversations_act_as_the_list_the_row_by_row_read_gives(tmp_path, 
     assert isinstance(joined, list) and joined == expected[:6] + expected[:1]
 
 
-def test_arrow_json_escaping_spells_strings_as_json_dumps(monkeypatch):
-    """The bulk read's conversations fingerprint spells contents as json.dumps does (ensure_ascii=False): every
-    ASCII character, alone and next to others, and characters json leaves as they are."""
-    from json.encoder import encode_basestring
+def _spelled(conversations) -> bytes:
+    return b"".join(
+        json.dumps(turns, ensure_ascii=False, sort_keys=True).encode() + b"\n" for turns in conversations
+    )
+
+
+def _arrow_spelled(conversations, *, sliced: bool = False) -> bytes:
+    """`_fingerprint_lines` of conversations (optionally of contents that are a slice of a longer array)."""
+    texts = [turn["content"] for turns in conversations for turn in turns]
+    contents = (
+        pa.array(['\n"x'] + texts + ["\\"], pa.string()).slice(1, len(texts))
+        if sliced
+        else pa.array(texts, pa.string())
+    )
+    codes = np.array(
+        [CANONICAL_ROLES.index(turn["role"]) for turns in conversations for turn in turns], dtype=np.int8
+    )
+    lengths = np.array([len(turns) for turns in conversations])
+    return bytes(pool_module._fingerprint_lines(contents, codes, lengths))
+
+
+def test_arrow_spells_fingerprint_lines_as_json_dumps(monkeypatch):
+    """The bulk read's conversations fingerprint spells each conversation as json.dumps does (ensure_ascii=False,
+    keys sorted): every ASCII character, alone and next to others, characters json leaves as they are, one turn
+    or several, in a slice of an array."""
+
+    def one_turn(texts):
+        return [[{"content": text, "role": "user"}] for text in texts]
 
     texts = [chr(c) for c in range(128)] + [
         "".join(map(chr, range(128))),
@@ -411,19 +499,26 @@ def test_arrow_json_escaping_spells_strings_as_json_dumps(monkeypatch):
         "\u2028\U0001f600é\x7f",
         "",
     ]
-    escaped = pool_module._json_escaped(pa.array(texts, pa.string())).to_pylist()
-    assert escaped == [encode_basestring(text)[1:-1] for text in texts]
-    sliced = pa.array(["x", '"q"\n', "y"], pa.string()).slice(1, 1)  # the bytes of the slice only
-    assert pool_module._json_escaped(sliced).to_pylist() == ['\\"q\\"\\n']
-    assert pool_module._json_escaped(pa.array(["plain"], pa.string())).to_pylist() == ["plain"]
-    # Characters to escape at a string's ends, side by side, alone, in empty neighbours, beside multi-byte ones,
-    # across the scan's slices, in a slice of an array.
+    assert _arrow_spelled(one_turn(texts)) == _spelled(one_turn(texts))
+    assert _arrow_spelled(one_turn(['"q"\n']), sliced=True) == _spelled(one_turn(['"q"\n']))
+    assert _arrow_spelled(one_turn(["plain"])) == _spelled(one_turn(["plain"]))
+    # Characters to escape at a content's ends, side by side, alone, in empty neighbours, beside multi-byte
+    # ones, across the scan's slices; conversations of one to five turns and every role.
     monkeypatch.setattr(pool_module, "_ESCAPE_SCAN_BYTES", 7)
     rng = random.Random(0)
     alphabet = ["a", "\n", '"', "\\", "\x00", "\x1f", "\x7f", "é", "\U0001f600", "\t"]
-    texts = ["".join(rng.choices(alphabet, k=rng.randrange(0, 9))) for _ in range(500)] + ["\n", "", '"']
-    array = pa.array(["\n"] + texts, pa.string()).slice(1)
-    assert pool_module._json_escaped(array).to_pylist() == [encode_basestring(text)[1:-1] for text in texts]
+    conversations = [
+        [
+            {
+                "content": "".join(rng.choices(alphabet, k=rng.randrange(0, 9))),
+                "role": rng.choice(CANONICAL_ROLES),
+            }
+            for _ in range(rng.randrange(1, 6))
+        ]
+        for _ in range(300)
+    ] + one_turn(["\n", "", '"'])
+    for sliced in (False, True):
+        assert _arrow_spelled(conversations, sliced=sliced) == _spelled(conversations)
 
 
 # --- the read memo: an unchanged large JSONL file is read again without its scan and checksums -----------------
