@@ -462,13 +462,13 @@ class _HashInBackground:
 
 
 class _LineScan:
-    """Whether a JSONL file's lines may be handed to Arrow's reader, fed the file a chunk at a time, in order;
-    counts the lines. Every line must open with "{" (Arrow's reader crashes on a first line `null`, and reads
-    other lines differently: a `null` line as a row of nulls, a blank line as none) and fit in one of its blocks
-    (a line across three blocks can abort pyarrow 21's reader). With `nesting`, a line also holds at most
-    `_BULK_MAX_OPENERS` "{"/"[" bytes (≥ its nesting depth): Arrow's reader crashes on a document nested ~10,000
-    levels deep when it infers the types. Parsing against a schema needs no such count: the reader stops at the
-    first value the schema does not hold, never deeper than the schema (pyarrow 21 and 26)."""
+    """Whether a JSONL file's lines may be handed to Arrow's reader, fed the file a chunk at a time, in order; counts
+    the lines. Every line must open with "{" (Arrow's reader crashes on a first line `null`, and reads other lines
+    differently: a `null` line as a row of nulls, a blank line as none) and fit in one of its blocks (Arrow's reader
+    fails on a line across three blocks, and pyarrow 21 can abort on it). With `nesting`, a line also holds at most
+    `_BULK_MAX_OPENERS` "{"/"[" bytes (≥ its nesting depth): Arrow's reader crashes on a document nested ~10,000 levels
+    deep when it infers the types. Parsing against a schema needs no such count: the reader stops at the first value the
+    schema does not hold, never deeper than the schema (pyarrow 21 and 26)."""
 
     def __init__(self, *, nesting: bool):
         self.nesting, self.plain, self.newlines = nesting, True, 0
@@ -519,45 +519,20 @@ class _LineScan:
         return (self.newlines + (self.line_start < self.fed)) if self.plain else None
 
 
-class _NotPlain(Exception):
-    """A line Arrow's reader must not be given: `_ScannedFile` stops the read before handing it over."""
-
-
-class _ScannedFile:
-    """A JSONL file as Arrow's reader pulls it, parsing it against a schema: each chunk is fed to `digest` (as
-    `_hash_path` feeds it) and to a `_LineScan` before Arrow gets it, and the read stops at a chunk with a line
-    Arrow must not be given. So the scan and the hash run while Arrow parses, not before it (a 1.5 GB pool: 6.4 s
-    scanned then parsed, 5.7 s scanned while parsed)."""
-
-    def __init__(self, path: Path, digest):
-        self.path, self.digest, self.scan = path, digest, _LineScan(nesting=False)
-        self.handle = open(path, "rb")  # noqa: SIM115 - closed by drain()
-        digest.update(path.name.encode())
-
-    @property
-    def closed(self) -> bool:
-        return self.handle.closed
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.handle.read(_SCAN_BYTES if size is None or size < 0 else size)
-        self.digest.update(data)
-        if not self.scan.feed(data):
-            raise _NotPlain(str(self.path))
-        return data
-
-    def drain(self) -> int | None:
-        """Hash and scan what Arrow did not read; the file's line count, or None when Arrow may not read it."""
-        try:
-            while self.scan.plain and self.read(_SCAN_BYTES):
-                pass
-        except _NotPlain:
-            pass
-        finally:
-            self.handle.close()
-        return self.scan.lines
+def _scanned(path: Path, digest) -> int | None:
+    """Feed the file to `digest` (as `_hash_path` feeds it) and to a `_LineScan`, a chunk at a time: its line
+    count, or None as soon as a line may not be handed to Arrow's reader. It runs before Arrow reads the file, and
+    Arrow then reads the file itself: a reader that pulls the file through Python (`pa.PythonFile`) can abort the
+    process when its parse fails while blocks are in flight (`terminate called without an active exception`,
+    pyarrow 21-26), and a parse against a schema fails on any field or type the schema lacks."""
+    scan = _LineScan(nesting=False)
+    digest.update(path.name.encode())
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_SCAN_BYTES), b""):
+            digest.update(chunk)
+            if not scan.feed(chunk):
+                return None
+    return scan.lines
 
 
 def _read_differently(kind: pa.DataType) -> bool:
@@ -805,8 +780,8 @@ def _ids_unique(table: pa.Table, name: str, seen: dict, *, only_source: bool) ->
 
 
 def _parse_json(source, schema: pa.Schema | None = None) -> pa.Table | None:
-    """`source` (a path or a file object) read by Arrow's JSON reader, against `schema` when given; None when
-    Arrow cannot read it or `_ScannedFile` stops the read."""
+    """`source` (a path, or the first lines in a buffer) read by Arrow's JSON reader, against `schema` when given;
+    None when Arrow cannot read it."""
     import pyarrow.json as pa_json
 
     options = (
@@ -816,7 +791,7 @@ def _parse_json(source, schema: pa.Schema | None = None) -> pa.Table | None:
         return pa_json.read_json(
             source, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES), parse_options=options
         )
-    except (pa.lib.ArrowException, _NotPlain):
+    except pa.lib.ArrowException:
         return None
 
 
@@ -839,20 +814,18 @@ def _read_json(path: Path, digest) -> tuple[pa.Table, int] | None:
     string), while the same line parsed against a schema reads right. So the values always come from a parse
     against a schema: the one inferred from the file's first lines (measured on a 1.5 GB pool: 3.0 s, against
     3.7 s for inferring throughout), with any field or type it does not hold an error; on which the schema is
-    inferred from the whole file and the file parsed against that."""
+    inferred from the whole file and the file parsed against that. The file is scanned and hashed first
+    (`_scanned`); Arrow then reads it from its path."""
     with open(path, "rb") as handle:
         head = handle.read(_SCHEMA_PREFIX_BYTES)
     head = head[: head.rfind(b"\n") + 1]
     first = None
     if head and _LineScan(nesting=True).feed(head):
         first = _parse_json(pa.BufferReader(head))
-    scanned = _ScannedFile(path, digest)
-    table = None
-    if first is not None and first.num_columns:
-        table = _parse_json(pa.PythonFile(scanned, mode="r"), first.schema)
-    lines = scanned.drain()
+    lines = _scanned(path, digest)
     if lines is None:
         return None
+    table = _parse_json(path, first.schema) if first is not None and first.num_columns else None
     # New fields or types further on (or a first line Arrow cannot read): the types are inferred from the whole
     # file, once its lines pass the nesting count too.
     if table is None:

@@ -317,10 +317,10 @@ def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
 
     def scanned(text: str) -> int | None:
         path.write_text(text, encoding="utf-8")
-        return pool_module._ScannedFile(path, hashlib.sha256()).drain()
+        return pool_module._scanned(path, hashlib.sha256())
 
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
-    assert pool_module._ScannedFile(path, hashlib.sha256()).drain() == len(ROWS)
+    assert pool_module._scanned(path, hashlib.sha256()) == len(ROWS)
     # 1,200 openers on one line, read 7 at a time: a parse against a schema may have it, an inferring one not
     assert (
         scanned(ROWS_LINE + '{"x": ' + "[" * 600 + "]" * 600 + ', "y": ' + "[" * 600 + "]" * 600 + "}\n") == 2
@@ -343,49 +343,42 @@ def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert scanned(ROWS_LINE * 3 + ROWS_LINE.strip()) == 4  # no newline at the end
     digest = hashlib.sha256()
-    assert pool_module._ScannedFile(path, digest).drain() == 4
+    assert pool_module._scanned(path, digest) == 4
     reference = hashlib.sha256()
     pool_module._hash_path(path, reference)
     assert digest.hexdigest() == reference.hexdigest()
 
 
-def test_bulk_read_hashes_and_scans_the_file_as_arrow_pulls_it(tmp_path, monkeypatch):
-    """Arrow's reader pulls the file through the scan: many small blocks are hashed in order (the fingerprint is
-    the row-by-row read's), and a line Arrow must not be given stops the read before Arrow gets it."""
+def test_bulk_read_scans_and_hashes_the_file_before_arrow_reads_it(tmp_path, monkeypatch):
+    """The file is scanned and hashed a chunk at a time, in order (the fingerprint is the row-by-row read's), and
+    only then read by Arrow, from its path: never pulled through Python, where a failing parse can abort the
+    process. A line Arrow must not be given (here a blank one) keeps the file from Arrow altogether."""
     rows = [{**ROWS[i % len(ROWS)], "id": f"r{i}"} for i in range(40)]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     exact = _row_by_row(monkeypatch, path)
+    monkeypatch.setattr(pool_module, "_SCAN_BYTES", 7)
     monkeypatch.setattr(pool_module, "_JSON_BLOCK_BYTES", 256)  # two or three lines a block
     monkeypatch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", 256)
-    pulled = []
-    real_read = pool_module._ScannedFile.read
-    monkeypatch.setattr(
-        pool_module._ScannedFile, "read", lambda self, size=-1: pulled.append(size) or real_read(self, size)
-    )
-    used = _bulk_used(monkeypatch)
-    bulk = read_pool(path)
-    assert used == [True] and len(pulled) > 10
-    assert bulk.table.equals(exact.table)
-    assert (bulk.fingerprint, bulk.conversations_fingerprint) == (
-        exact.fingerprint,
-        exact.conversations_fingerprint,
-    )
-    # a line nested too deep for Arrow, past the first lines: the bulk read stops short of it and hands over
-    deep = path.read_text() + '{"id": "deep", "x": ' + "[" * 1200 + "]" * 1200 + "}\n" + ROWS_LINE
-    path.write_text(deep)
-    monkeypatch.setattr(pool_module, "_JSON_BLOCK_BYTES", 4096)
     given = []
     real_read_json = pa_json.read_json
     monkeypatch.setattr(
         pa_json, "read_json", lambda source, **k: given.append(source) or real_read_json(source, **k)
     )
-    with pytest.raises(DeitaHubError) as bulk_error:
-        read_pool(path)
-    assert used[-1] is False
-    assert len(given) == 2 and not any(isinstance(source, (str, Path)) for source in given)  # never the file
-    with pytest.raises(DeitaHubError) as exact_error:
-        _row_by_row(monkeypatch, path)
-    assert str(bulk_error.value) == str(exact_error.value)
+    used = _bulk_used(monkeypatch)
+    bulk = read_pool(path)
+    assert used == [True]
+    assert isinstance(given[0], pa.BufferReader) and [Path(source) for source in given[1:]] == [path]
+    assert bulk.table.equals(exact.table)
+    assert (bulk.fingerprint, bulk.conversations_fingerprint) == (
+        exact.fingerprint,
+        exact.conversations_fingerprint,
+    )
+    path.write_text(path.read_text() + "\n" + json.dumps({**ROWS[0], "id": "after a blank line"}) + "\n")
+    given.clear()
+    assert len(read_pool(path)) == 41
+    assert (
+        used[-1] is False and len(given) == 1 and isinstance(given[0], pa.BufferReader)
+    )  # the first lines only
 
 
 def test_bulk_read_never_gives_arrow_a_line_longer_than_its_block(tmp_path, monkeypatch):
@@ -534,13 +527,11 @@ def memo_dir(monkeypatch, tmp_path):
 
 
 def _full_reads(monkeypatch) -> list:
-    """The files read in full: scanned and hashed as Arrow parses them (what a memo spares)."""
+    """The files read in full: scanned and hashed before Arrow parses them (what a memo spares)."""
     scanned = []
-    real = pool_module._ScannedFile.__init__
+    real = pool_module._scanned
     monkeypatch.setattr(
-        pool_module._ScannedFile,
-        "__init__",
-        lambda self, path, digest: scanned.append(path) or real(self, path, digest),
+        pool_module, "_scanned", lambda path, digest: scanned.append(path) or real(path, digest)
     )
     return scanned
 
