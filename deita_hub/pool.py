@@ -890,8 +890,8 @@ def fast_jsonl(
 # --- what a bulk read learned, kept for the next read of the same file --------------------------------------------
 #
 # A large JSONL pool's first read costs about twice Arrow's parse: the scan that guards the parse, the hash of the
-# file's bytes, and the spelling and hash of its canonical conversations (1M rows, 1.6 GB, 2 cores: 8.9-9.6 s; read
-# again with its memo 4.4-5.2 s). Each command reads the pool again (score, embed, select, every build of a recipe being
+# file's bytes, and the spelling and hash of its canonical conversations (1M rows, 1.6 GB, 2 cores: 9-10 s; read
+# again with its memo 4.4-5.7 s). Each command reads the pool again (score, embed, select, every build of a recipe being
 # tuned), and an unchanged file needs none of that work again: its next read parses it against the schema it had and
 # takes both fingerprints from the memo. "Unchanged" is git's test for its index: the same device, inode, size, mtime
 # and ctime. A write changes the ctime, which no user call can set back, so a memo is only kept for a file whose ctime
