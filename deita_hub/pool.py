@@ -850,8 +850,10 @@ def fast_jsonl(
     if table is None or _file_identity(path) != before:  # no memo, or the file changed while it was parsed
         digest = _HashInBackground(hashlib.sha256())
         read = _read_json(path, digest)
-        if read is None:
-            return None
+        if read is None or _file_identity(path) != before:
+            return (
+                None  # or the file changed while it was read: the hash and the table may be of two versions
+            )
         table, lines = read
         memo = _ReadMemo(before, digest.hexdigest(), lines, table.schema, {})
         learned = True

@@ -381,6 +381,25 @@ def test_bulk_read_scans_and_hashes_the_file_before_arrow_reads_it(tmp_path, mon
     )  # the first lines only
 
 
+def test_a_file_changed_between_its_scan_and_its_parse_is_read_row_by_row(tmp_path, monkeypatch):
+    """The scan (and hash) and Arrow's parse read the file one after the other: when another program writes it
+    in between, the hash and the table could be of two versions, so the row-by-row read reads it instead."""
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    real, changed = pool_module._parse_json, []
+
+    def write_then_parse(source, schema=None):
+        if isinstance(source, (str, Path)) and not changed:  # after the scan, before Arrow reads the file
+            time.sleep(0.05)
+            changed.append(write_jsonl(path, [*ROWS[:4], {**ROWS[4], "id": "new"}]))
+        return real(source, schema)
+
+    monkeypatch.setattr(pool_module, "_parse_json", write_then_parse)
+    used = _bulk_used(monkeypatch)
+    pool = read_pool(path)
+    assert changed and used == [False] and pool.table.column("id").to_pylist()[-1] == "new"
+    assert _same_pool(pool, _row_by_row(monkeypatch, path))
+
+
 def test_bulk_read_never_gives_arrow_a_line_longer_than_its_block(tmp_path, monkeypatch):
     """A line Arrow's reader would read across three of its blocks can make pyarrow 21 abort the process (it
     raises "straddling object straddles two block boundaries", then `terminate` is called when other blocks were
