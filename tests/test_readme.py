@@ -17,7 +17,7 @@ def test_quickstart_has_two_single_line_commands():
     assert len(commands) == 2
     assert all("\n" not in command for command in commands)
     assert "deita-hub build dataset_scripts/demo.yaml" in commands[0]
-    assert commands[1].endswith("pytest -q")
+    assert commands[1].endswith("pytest -q -n auto --dist worksteal")
 
 
 def test_ci_runs_the_readme_test_command():
