@@ -7,8 +7,8 @@ pytest_plugins = ["deita_hub.testing.pytest_plugin"]
 
 # Each test process in a parallel run (`pytest -n auto`, pytest-xdist) gets an equal share of the cores for
 # torch's and BLAS's thread pools, unless the caller chose a count: two workers on two cores that each start two
-# threads fight over the cores (on 2 cores the suite took 653 s so, 572 s with one thread each, in one run each). Set before any
-# test imports torch, and inherited by the processes the tests start.
+# threads fight over the cores (on 2 cores the suite took 653 s so, 572 s with one thread each; one run each).
+# Set before any test imports torch, and inherited by the processes the tests start.
 if (workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT")) and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
 
