@@ -1,7 +1,9 @@
-"""Shared helpers for the benchmarks: clustered embedding matrices written straight to .npy, peak RSS."""
+"""Shared helpers for the benchmarks: clustered embedding matrices written straight to .npy, resident memory,
+measured training steps."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -24,6 +26,57 @@ def peak_rss_bytes() -> int:
         pass
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed_training(make_trainer, *, variant: str, count_building: bool) -> tuple[object, dict]:
+    """Train the trainer `make_trainer(callback)` builds (it must register `callback`) and measure it: real
+    (non-pad) tokens per second over every step after the first (warm-up), and peak memory: the peak GPU
+    allocation on a GPU; otherwise the growth of peak RSS from before the trainer is built (`count_building`:
+    a DPO reference copy counts) or from before training. -> (trainer, the variant's result)."""
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+    timings: dict[str, float] = {}
+    built = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            tokens = built["trainer"]._total_train_tokens
+            if state.global_step == 1:
+                timings["start"], timings["tokens_start"] = time.perf_counter(), tokens
+            timings["end"], timings["tokens_end"] = time.perf_counter(), tokens
+
+    rss_before = current_rss_bytes()
+    trainer = built["trainer"] = make_trainer(Timer())
+    if not count_building:
+        rss_before = current_rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    seconds = timings["end"] - timings["start"]
+    tokens = timings["tokens_end"] - timings["tokens_start"]
+    return trainer, {
+        "variant": variant,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_memory_bytes": (
+            torch.cuda.max_memory_allocated() if cuda else max(0, peak_rss_bytes() - rss_before)
+        ),
+        "memory_kind": "cuda max_memory_allocated"
+        if cuda
+        else f"peak RSS growth from before {'the trainer' if count_building else 'training'}",
+    }
 
 
 def clustered_embeddings(

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import clustered_embeddings, peak_rss_bytes, replay_gemms  # noqa: E402
+from _util import clustered_embeddings, current_rss_bytes, peak_rss_bytes, replay_gemms  # noqa: E402
 
 RECIPE = """
 name: bench
@@ -209,11 +209,6 @@ def walk_stats(walk) -> dict:
         "gemm_seconds": replay_gemms(walk.products),
         "gemm_flop": sum(2 * m * n * d for m, n, d in walk.products),
     }
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 STAGES = {

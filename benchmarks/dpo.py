@@ -28,11 +28,10 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import peak_rss_bytes, print_ratio_table  # noqa: E402
+from _util import print_ratio_table, timed_training  # noqa: E402
 
 VARIANTS = ("trl_default", "deita_hub", "precomputed")
 WORDS = "the a model data answer question token select score quality diverse sample train loss step".split()
@@ -68,20 +67,13 @@ def synthetic_pairs(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
-def _current_rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def run_variant(args: argparse.Namespace) -> dict:
     """Child process: train `args.steps` steps of one variant, report tokens/s and peak memory."""
     import torch
-    from transformers import TrainerCallback
 
     from deita_hub.training.config import TrainConfig
     from deita_hub.training.trainer import _resolve_model, build_trainer
 
-    cuda = torch.cuda.is_available()
     config = TrainConfig(
         stage="dpo",
         method="full",
@@ -99,21 +91,11 @@ def run_variant(args: argparse.Namespace) -> dict:
         learning_rate=1e-5,
         precompute_ref_log_probs=args.variant == "precomputed",
     )
-    timings: dict[str, float] = {}
-    holder = {}
+    cuda = torch.cuda.is_available()
 
-    class Timer(TrainerCallback):
-        def on_step_end(self, targs, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            if state.global_step == 1:  # warm-up step excluded
-                timings["start"] = time.perf_counter()
-                timings["tokens_start"] = holder["trainer"]._total_train_tokens
-            timings["end"] = time.perf_counter()
-            timings["tokens_end"] = holder["trainer"]._total_train_tokens
-
-    rss_before = _current_rss()
-    if args.variant == "trl_default":
+    def make_trainer(timer):
+        if args.variant != "trl_default":
+            return build_trainer(config, extra_callbacks=[timer])[0]
         from datasets import load_dataset
         from trl import DPOConfig, DPOTrainer
 
@@ -124,7 +106,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         tokenizer = load_tokenizer(model_path)
         use_vicuna_template(tokenizer)
         dataset = load_dataset("json", data_files=args.dataset, split="train").remove_columns(["prompt"])
-        trainer = DPOTrainer(
+        return DPOTrainer(
             model=model_path,
             args=DPOConfig(
                 output_dir=args.output_dir,
@@ -142,26 +124,11 @@ def run_variant(args: argparse.Namespace) -> dict:
             ),
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[Timer()],
+            callbacks=[timer],
         )
-    else:
-        trainer, *_ = build_trainer(config, extra_callbacks=[Timer()])
-    holder["trainer"] = trainer
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    seconds = timings["end"] - timings["start"]
-    tokens = timings["tokens_end"] - timings["tokens_start"]
-    peak = torch.cuda.max_memory_allocated() if cuda else max(0, peak_rss_bytes() - rss_before)
-    return {
-        "variant": args.variant,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "peak_memory_bytes": peak,
-        "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS growth from before the trainer",
-    }
+
+    _, result = timed_training(make_trainer, variant=args.variant, count_building=True)
+    return result
 
 
 def main() -> None:

@@ -151,6 +151,34 @@ def device_memory() -> tuple[str, callable]:
     return "cpu", peak_rss_bytes
 
 
+def training_row(ours: dict, base: dict, what: str) -> dict:
+    """A table row from two training variants' results (benchmarks/train.py's or dpo.py's `run_variant`)."""
+    return {
+        "unit": "tokens/s",
+        "ours": ours["tokens_per_s"],
+        "baseline": base["tokens_per_s"],
+        "ours_memory": ours["peak_memory_bytes"],
+        "baseline_memory": base["peak_memory_bytes"],
+        "what": what,
+    }
+
+
+def variant_args(size: dict, tiny: bool, options: dict, output_dir: Path, **extra) -> Namespace:
+    """The arguments of a training benchmark's `run_variant` for one variant at this suite's size."""
+    return Namespace(
+        variant=options["variant"],
+        model=options["model"],
+        dataset=options["dataset"],
+        output_dir=str(output_dir),
+        max_length=size["max_length"],
+        batch=size["train_batch"],
+        steps=size["train_steps"],
+        bf16=options["bf16"],
+        gradient_checkpointing=not tiny,
+        **extra,
+    )
+
+
 # --- the rows (each runs in its own process) ---------------------------------------------------------------
 
 
@@ -176,34 +204,20 @@ def row_sft(work: Path, size: dict, tiny: bool, method: str) -> dict:
             dataset=str(pool),
             bf16=torch.cuda.is_available() and not tiny,
         )
-    ours, base = results["padding_free"], results["padded"]
-    return {
-        "unit": "tokens/s",
-        "ours": ours["tokens_per_s"],
-        "baseline": base["tokens_per_s"],
-        "ours_memory": ours["peak_memory_bytes"],
-        "baseline_memory": base["peak_memory_bytes"],
-        "what": f"{method} {size['max_length']} tokens: padding-free vs TRL's padded default",
-    }
+    return training_row(
+        results["padding_free"],
+        results["padded"],
+        f"{method} {size['max_length']} tokens: padding-free vs TRL's padded default",
+    )
 
 
 def row_train_variant(work: Path, size: dict, tiny: bool, **options) -> dict:
     from train import run_variant
 
+    output_dir = work / f"out-{options['method']}-{options['variant']}"
     return run_variant(
-        Namespace(
-            variant=options["variant"],
-            method=options["method"],
-            model=options["model"],
-            dataset=options["dataset"],
-            dataset_config=None,
-            output_dir=str(work / f"out-{options['method']}-{options['variant']}"),
-            max_length=size["max_length"],
-            batch=size["train_batch"],
-            steps=size["train_steps"],
-            bf16=options["bf16"],
-            gradient_checkpointing=not tiny,
-            attn="sdpa",
+        variant_args(
+            size, tiny, options, output_dir, method=options["method"], dataset_config=None, attn="sdpa"
         )
     )
 
@@ -229,33 +243,17 @@ def row_dpo(work: Path, size: dict, tiny: bool) -> dict:
         )
         for variant in ("trl_default", "deita_hub")
     }
-    ours, base = results["deita_hub"], results["trl_default"]
-    return {
-        "unit": "tokens/s",
-        "ours": ours["tokens_per_s"],
-        "baseline": base["tokens_per_s"],
-        "ours_memory": ours["peak_memory_bytes"],
-        "baseline_memory": base["peak_memory_bytes"],
-        "what": f"full DPO {size['max_length']} tokens: `stage: dpo` vs TRL's DPOTrainer defaults",
-    }
+    return training_row(
+        results["deita_hub"],
+        results["trl_default"],
+        f"full DPO {size['max_length']} tokens: `stage: dpo` vs TRL's DPOTrainer defaults",
+    )
 
 
 def row_dpo_variant(work: Path, size: dict, tiny: bool, **options) -> dict:
     from dpo import run_variant
 
-    return run_variant(
-        Namespace(
-            variant=options["variant"],
-            model=options["model"],
-            dataset=options["dataset"],
-            output_dir=str(work / f"dpo-{options['variant']}"),
-            max_length=size["max_length"],
-            batch=size["train_batch"],
-            steps=size["train_steps"],
-            bf16=options["bf16"],
-            gradient_checkpointing=not tiny,
-        )
-    )
+    return run_variant(variant_args(size, tiny, options, work / f"dpo-{options['variant']}"))
 
 
 def row_score(work: Path, size: dict, tiny: bool) -> dict:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import peak_rss_bytes, print_ratio_table, print_seconds_table  # noqa: E402
+from _util import peak_rss_bytes, print_ratio_table, print_seconds_table, timed_training  # noqa: E402
 
 VARIANTS = {
     "padded": {"padding_free": False, "packing": False},
@@ -78,12 +77,8 @@ def _config(args: argparse.Namespace, **settings):
 
 def run_variant(args: argparse.Namespace) -> dict:
     """Child process: train `args.steps` steps of one variant, report tokens/s and peak memory."""
-    import torch
-    from transformers import TrainerCallback
-
     from deita_hub.training.trainer import build_trainer
 
-    cuda = torch.cuda.is_available()
     config = _config(
         args,
         method=args.method,
@@ -97,36 +92,12 @@ def run_variant(args: argparse.Namespace) -> dict:
         learning_rate=1e-4,
         **VARIANTS[args.variant],
     )
-    timings: dict[str, float] = {}
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, targs, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            if state.global_step == 1:  # warm-up step excluded
-                timings["start"] = time.perf_counter()
-                timings["tokens_start"] = trainer._total_train_tokens
-            timings["end"] = time.perf_counter()
-            timings["tokens_end"] = trainer._total_train_tokens
-
-    trainer, *_ = build_trainer(config, extra_callbacks=[Timer()])
-    rss_before = _current_rss()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    seconds = timings["end"] - timings["start"]
-    tokens = timings["tokens_end"] - timings["tokens_start"]
-    peak = torch.cuda.max_memory_allocated() if cuda else max(0, _peak_rss() - rss_before)
-    return {
-        "variant": args.variant,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "peak_memory_bytes": peak,
-        "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS growth during training",
-        "final_loss": trainer.state.log_history[-2].get("loss"),
-    }
+    trainer, result = timed_training(
+        lambda timer: build_trainer(config, extra_callbacks=[timer])[0],
+        variant=args.variant,
+        count_building=False,
+    )
+    return {**result, "final_loss": trainer.state.log_history[-2].get("loss")}
 
 
 STARTUP_VARIANTS = {"no_cache": False, "cache_cold": True, "cache_warm": True}  # -> tokenized_cache
@@ -185,15 +156,6 @@ def _child_result(command: list[str], variant: str, env: dict | None = None) -> 
     if done.returncode != 0 or not lines:
         sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
 
 
 def main() -> None:
