@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +33,37 @@ def current_rss_bytes() -> int:
     """Resident set size of this process now (Linux)."""
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child_result(command: list[str], variant: str, env: dict | None = None) -> dict:
+    """Run one variant's child process (`command`) and return the result it printed on its last `RESULT {json}`
+    line; exit with the tail of its stderr when it failed or printed none."""
+    import json
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def training_children(script: str, args, dataset: str, folder, *extra: str) -> list[dict]:
+    """Each of `args.variants` (comma-separated) trained by a child process of `script` in its `--variant` mode,
+    with the options every training benchmark shares and `extra`: their results, in order."""
+    results = []
+    for variant in args.variants.split(","):
+        command = [sys.executable, script, "--variant", variant, "--output-dir", str(Path(folder) / variant)]
+        command += ["--model", args.model, "--dataset", dataset, "--steps", str(args.steps)]
+        command += ["--batch", str(args.batch), "--max-length", str(args.max_length)]
+        command += ["--bf16"] * args.bf16 + ["--gradient-checkpointing"] * args.gradient_checkpointing
+        results.append(child_result([*command, *extra], variant))
+    return results
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, for a benchmark's header."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def timed_training(make_trainer, *, variant: str, count_building: bool) -> tuple[object, dict]:

@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import print_ratio_table, timed_training  # noqa: E402
+from _util import load_average, print_ratio_table, timed_training, training_children  # noqa: E402
 
 VARIANTS = ("trl_default", "deita_hub", "precomputed")
 WORDS = "the a model data answer question token select score quality diverse sample train loss step".split()
@@ -157,36 +156,16 @@ def main() -> None:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
 
-    load_before = os.getloadavg()
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         dataset = args.dataset or str(synthetic_pairs(Path(tmp) / "pairs.jsonl", args.rows, seed=0))
-        results = []
-        for variant in args.variants.split(","):
-            command = [
-                sys.executable,
-                __file__,
-                "--variant",
-                variant,
-                "--output-dir",
-                str(Path(tmp) / variant),
-            ]
-            command += ["--model", args.model, "--dataset", dataset, "--steps", str(args.steps)]
-            command += ["--batch", str(args.batch), "--max-length", str(args.max_length)]
-            command += ["--bf16"] * args.bf16 + ["--gradient-checkpointing"] * args.gradient_checkpointing
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
-            results.append(json.loads(lines[-1][len("RESULT ") :]))
-    load_after = os.getloadavg()
+        results = training_children(__file__, args, dataset, tmp)
 
     print(
         f"model {args.model} (full DPO), per-device batch {args.batch}, max_length {args.max_length}, "
         f"{args.steps - 1} timed steps, device {results[0]['device']}; memory = {results[0]['memory_kind']}"
     )
-    print(
-        f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}, CPUs {os.cpu_count()}"
-    )
+    print(f"load average before {load_before}, after {load_average()}; {os.cpu_count()} CPUs")
     print_ratio_table(results, "trl_default", "trl")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -27,14 +27,21 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import peak_rss_bytes, print_ratio_table, print_seconds_table, timed_training  # noqa: E402
+from _util import (  # noqa: E402
+    child_result,
+    load_average,
+    peak_rss_bytes,
+    print_ratio_table,
+    print_seconds_table,
+    timed_training,
+    training_children,
+)
 
 VARIANTS = {
     "padded": {"padding_free": False, "packing": False},
@@ -141,21 +148,13 @@ def compare_startup(args: argparse.Namespace, tmp: Path) -> None:
         command += ["--batch", str(args.batch)]
         if args.dataset_config:
             command += ["--dataset-config", args.dataset_config]
-        results.append(_child_result(command, variant, env=env))
+        results.append(child_result(command, variant, env=env))
     print(
         f"start-up (read pool + tokenize or read the cache), {results[0]['conversations']} conversations, "
         f"{results[0]['tokens']} tokens, max_length {args.max_length}, tokenizer {args.model}; "
-        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        f"load average {load_average()}"
     )
     print_seconds_table(results, "no_cache", "no_cache")
-
-
-def _child_result(command: list[str], variant: str, env: dict | None = None) -> dict:
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -198,37 +197,18 @@ def main() -> None:
             compare_startup(args, Path(tmp))
         return
 
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         dataset = args.dataset or str(synthetic_pool(Path(tmp) / "pool.jsonl", args.rows, seed=0))
-        results = []
-        for variant in args.variants.split(","):
-            command = [
-                sys.executable,
-                __file__,
-                "--variant",
-                variant,
-                "--output-dir",
-                str(Path(tmp) / variant),
-            ]
-            command += ["--model", args.model, "--method", args.method, "--dataset", dataset]
-            command += [
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-                "--max-length",
-                str(args.max_length),
-            ]
-            command += ["--attn", args.attn] + ["--bf16"] * args.bf16
-            command += ["--gradient-checkpointing"] * args.gradient_checkpointing
-            if args.dataset_config:
-                command += ["--dataset-config", args.dataset_config]
-            results.append(_child_result(command, variant))
+        extra = ["--method", args.method, "--attn", args.attn]
+        extra += ["--dataset-config", args.dataset_config] if args.dataset_config else []
+        results = training_children(__file__, args, dataset, tmp, *extra)
 
     print(
         f"model {args.model} ({args.method}), per-device batch {args.batch}, max_length {args.max_length}, "
         f"{args.steps - 1} timed steps, device {results[0]['device']}; memory = {results[0]['memory_kind']}"
     )
+    print(f"load average before {load_before}, after {load_average()}; {os.cpu_count()} CPUs")
     print_ratio_table(results, "padded", "padded")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
