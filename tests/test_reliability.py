@@ -301,6 +301,25 @@ def test_interrupted_select_writes_nothing(tmp_path, sig):
     assert not (tmp_path / "out.jsonl").exists() and _hidden_leftovers(tmp_path) == []
 
 
+def test_ctrl_c_inside_exec_d_code_still_exits_130_under_python_m(tmp_path):
+    """A Ctrl-C that lands in code `exec` runs from a string (a dataclass's generated methods, while a lazily
+    imported module loads: threadpoolctl's, at the start of a `select` walk) made `python -m deita_hub` kill
+    itself with SIGINT at exit (status -2) after printing "interrupted" (CI saw it once in ~30 interrupted
+    selects). Reproduced deterministically: a command whose exec'd code raises KeyboardInterrupt."""
+    (tmp_path / "interrupt_in_exec.py").write_text(
+        "import sys\n"
+        "from deita_hub.cli import cli, main\n\n"
+        "@cli.command('interrupt-in-exec')\n"
+        "def interrupt_in_exec():\n"
+        "    exec('raise KeyboardInterrupt')\n\n"
+        "sys.exit(main(['interrupt-in-exec']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupt_in_exec"], cwd=tmp_path, env=_env(), capture_output=True, text=True
+    )
+    _ends_cleanly(done.returncode, done.stderr, signal.SIGINT)
+
+
 def _build_inputs(folder: Path, rows: int = 600) -> None:
     pool = [
         {
