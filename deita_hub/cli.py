@@ -245,11 +245,11 @@ def _interrupted(exc: BaseException | None) -> int:
 
 
 def _forget_unhandled_interrupt() -> None:
-    """CPython notes a KeyboardInterrupt that ends code `exec` runs from a string (a dataclass's generated methods,
-    while a lazily imported module loads) as unhandled, even once caught; a `python -m deita_hub` process then
-    exits by killing itself with SIGINT, whatever code it returns (exit status -2 instead of 130, one Ctrl-C in
-    about 30 at the start of a `select` walk). Each string `exec` clears that note first, and one that completes
-    leaves it clear."""
+    """CPython notes a KeyboardInterrupt that ends code `exec` runs from a string (a dataclass's generated
+    methods, while a lazily imported module loads) as unhandled, even once caught; a `python -m deita_hub`
+    process then exits by killing itself with SIGINT, whatever code it returns (exit status -2 instead of 130:
+    about one Ctrl-C in 20 at the start of a `select` walk). Each string `exec` clears that note first, and
+    one that completes leaves it clear."""
     exec("pass")  # a constant string: the exec that clears the note
 
 
