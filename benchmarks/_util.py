@@ -3,8 +3,10 @@ measured training steps."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,17 +37,21 @@ def current_rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child_result(command: list[str], variant: str, env: dict | None = None) -> dict:
-    """Run one variant's child process (`command`) and return the result it printed on its last `RESULT {json}`
-    line; exit with the tail of its stderr when it failed or printed none."""
-    import json
-    import subprocess
-
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+def printed_result(done: subprocess.CompletedProcess) -> dict | None:
+    """What a benchmark's child process printed on its last `RESULT {json}` line; None when it failed or printed
+    none."""
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
+    return json.loads(lines[-1][len("RESULT ") :]) if done.returncode == 0 and lines else None
+
+
+def child_result(command: list[str], variant: str, env: dict | None = None) -> dict:
+    """Run one variant's child process (`command`) and return its `printed_result`; exit with the tail of its
+    stderr when it has none."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = printed_result(done)
+    if result is None:
         sys.exit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result
 
 
 def training_children(script: str, args, dataset: str, folder, *extra: str) -> list[dict]:

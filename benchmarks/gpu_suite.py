@@ -41,7 +41,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _util import clustered_embeddings, random_text  # noqa: E402
+from _util import clustered_embeddings, printed_result, random_text  # noqa: E402
 
 SHAPES = HERE / "shapes"
 TINY_SHAPE = {
@@ -512,11 +512,11 @@ def child(name: str, work: Path, tiny: bool, **options) -> dict:
         json.dumps(options),
     ]
     done = subprocess.run(command + ["--tiny"] * tiny, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
+    result = printed_result(done)
+    if result is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"{name} failed: {tail[0][:300]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result
 
 
 def gpu_name(tiny: bool) -> str:

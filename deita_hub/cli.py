@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _restore_signals(previous)
+        _forget_unhandled_interrupt()  # the code returned is the process's, however an interrupt was handled
     return 0
 
 
@@ -240,16 +241,15 @@ def _interrupted(exc: BaseException | None) -> int:
     terminated = isinstance(exc, Terminated)
     if not getattr(exc, "progress_reported", False):
         click.echo("terminated" if terminated else "interrupted", err=True)
-    _forget_unhandled_interrupt()
     return 143 if terminated else 130
 
 
 def _forget_unhandled_interrupt() -> None:
     """CPython notes a KeyboardInterrupt that ends code `exec` runs from a string (a dataclass's generated
     methods, while a lazily imported module loads) as unhandled, even once caught; a `python -m deita_hub`
-    process then exits by killing itself with SIGINT, whatever code it returns (exit status -2 instead of 130:
-    about one Ctrl-C in 20 at the start of a `select` walk). Each string `exec` clears that note first, and
-    one that completes leaves it clear."""
+    process then exits by killing itself with SIGINT, whatever code `main` returns (exit status -2 instead of
+    130: about one Ctrl-C in 20 at the start of a `select` walk). Each string `exec` clears that note first,
+    and one that completes leaves it clear."""
     exec("pass")  # a constant string: the exec that clears the note
 
 
