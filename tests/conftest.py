@@ -36,8 +36,15 @@ def _session_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_cache_dir(tmp_path_factory):
     """One deita-hub cache (pool + embeddings) shared by the slow tests that build the demo recipe, so only the
-    first of them pays for embedding its pool."""
-    return tmp_path_factory.mktemp("deita-hub-cache")
+    first of them pays for embedding its pool. Under pytest-xdist the workers share it too (each worker's base
+    temp sits in one run folder): deita-hub locks its cache entries, so a second build waits for the first's
+    matrix instead of embedding the pool again."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    cache = base / "deita-hub-demo-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @dataclass

@@ -367,7 +367,9 @@ def test_tiny_ablation_end_to_end_resume_and_changed_arm(tmp_path, cli_run):
     dry = cli_run("ablate", path, "--out", out, "--dry-run")
     assert "5 steps, 0 cached, 5 to run" in dry.stdout and not (out / "results.json").exists(), dry.stderr
 
-    # Kill the ablation once the first training has saved a checkpoint; the rerun resumes that training.
+    # Kill the ablation once the first training has saved a complete checkpoint (its deita_run.json is written
+    # last: a checkpoint without it is removed on resume, and the training starts again from step 0); the rerun
+    # resumes that training. The poll is short: the training's second and last step takes about a second.
     env = {**os.environ, "DEITA_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "deita_hub", "ablate", str(path), "--out", str(out)],
@@ -379,9 +381,9 @@ def test_tiny_ablation_end_to_end_resume_and_changed_arm(tmp_path, cli_run):
     )
     deadline = time.time() + 600
     while time.time() < deadline and not list(
-        out.glob("steps/train-deita-s1-*/run/checkpoint-1/trainer_state.json")
+        out.glob("steps/train-deita-s1-*/run/checkpoint-1/deita_run.json")
     ):
-        time.sleep(0.5)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     train_folder = next(out.glob("steps/train-deita-s1-*"))
