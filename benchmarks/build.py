@@ -310,8 +310,8 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     )
     if build["sketch_dtype"] == "bfloat16":
         print(
-            "the sketch's guesses were multiplied in bfloat16 (this CPU has AMX); the replay multiplies every "
-            "product in float32, as the goal is defined"
+            "the sketch's guesses were multiplied in bfloat16 (this CPU has bfloat16 units: AMX or AVX-512 BF16); "
+            "the replay multiplies every product in float32, as the goal is defined"
         )
     print(f"goals: peak RSS <= 1x the matrix: worst {worst / matrix_bytes:.2f}x")
     for name, stats in (("pool new", build), ("pool unchanged", again)):

@@ -227,7 +227,8 @@ def test_real_pool_embedded_with_minilm_matches_reference():
 def test_sketch_path_is_exact_on_wide_redundant_data(cores, sketch_dtype, monkeypatch):
     """Wide vectors and >256 selected rows switch on the random-projection guess; decisions must not change,
     whether one thread walks or three split every block's rows and products (unevenly: 512 / 3), and whether the
-    guesses are multiplied in float32 or in bfloat16 (as on CPUs with AMX; emulated by torch elsewhere)."""
+    guesses are multiplied in float32 or in bfloat16 (as on CPUs with AMX or AVX-512 BF16; emulated by torch
+    elsewhere)."""
     import torch
     from threadpoolctl import threadpool_info
 
@@ -255,6 +256,23 @@ def test_sketch_path_is_exact_on_wide_redundant_data(cores, sketch_dtype, monkey
     # The walk puts BLAS and torch on one thread per share while it runs, and gives the counts back.
     assert [pool["num_threads"] for pool in threadpool_info()] == blas_threads
     assert torch.get_num_threads() == torch_threads
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse2 avx avx2 fma bmi2 sha_ni", False),  # AMD Zen 2/3, Intel before Cooper Lake: emulated
+        ("fpu avx2 avx512f avx512bw avx512_vnni", False),  # AVX-512 without BF16 (Skylake-SP, Ice Lake)
+        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),  # AMD Zen 4/5, Intel Cooper Lake
+        ("fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", True),  # Intel Sapphire Rapids and later
+        ("fpu avx2 amx_bf16", True),
+    ],
+)
+def test_the_sketch_multiplies_in_bfloat16_where_the_cpu_flags_bf16_units(flags, native):
+    """Only the flags line counts (not `bugs`, nor an Arm `Features` line, which has no x86 flags)."""
+    cpuinfo = f"processor\t: 0\nvendor_id\t: x\nflags\t\t: {flags}\nbugs\t\t: avx512_bf16\n\nprocessor\t: 1\n"
+    assert selection._bfloat16_flag(cpuinfo) is native
+    assert selection._bfloat16_flag("processor\t: 0\nFeatures\t: fp asimd bf16\n") is False
 
 
 def test_float16_rows_convert_the_same_in_torch_and_numpy():
