@@ -271,8 +271,8 @@ def test_sketch_path_is_exact_on_wide_redundant_data(cores, sketch_dtype, monkey
 def test_the_sketch_multiplies_in_bfloat16_where_the_cpu_flags_bf16_units(flags, native):
     """Only the flags line counts (not `bugs`, nor an Arm `Features` line, which has no x86 flags)."""
     cpuinfo = f"processor\t: 0\nvendor_id\t: x\nflags\t\t: {flags}\nbugs\t\t: avx512_bf16\n\nprocessor\t: 1\n"
-    assert selection._bfloat16_flag(cpuinfo) is native
-    assert selection._bfloat16_flag("processor\t: 0\nFeatures\t: fp asimd bf16\n") is False
+    assert selection._bfloat16_flag(cpuinfo.splitlines()) is native
+    assert selection._bfloat16_flag(["processor\t: 0", "Features\t: fp asimd bf16"]) is False
 
 
 def test_float16_rows_convert_the_same_in_torch_and_numpy():
