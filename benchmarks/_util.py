@@ -37,6 +37,28 @@ def current_rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds this process has spent so far, (user, kernel)."""
+    times = os.times()
+    return times.user, times.system
+
+
+def first_touch_rate(nbytes: int = 1 << 29) -> tuple[float, float]:
+    """GB/s at which this host gives the process fresh memory (`nbytes` written once: the kernel faults each page
+    in and zeroes it), then rewrites it (the same pages, already resident): (first touch, rewrite). On bare metal
+    the first touch runs at several GB/s; a VM whose host takes back the guest's free memory (free page reporting,
+    ballooning) must back every fresh page again, and first touches there have measured 0.1-6 GB/s from minute to
+    minute. A step that fills fresh memory (a pool read building its table) slows with it, in kernel time."""
+    start = time.perf_counter()
+    block = np.ones(nbytes, dtype=np.uint8)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    block.fill(2)
+    again = time.perf_counter() - start
+    del block
+    return nbytes / first / 1e9, nbytes / again / 1e9
+
+
 def printed_result(done: subprocess.CompletedProcess) -> dict | None:
     """What a benchmark's child process printed on its last `RESULT {json}` line; None when it failed or printed
     none."""

@@ -6,7 +6,8 @@
 
 The pool (JSONL, ~1.5 KB a row, Deita-like 1-2 turns with scores) and the clustered embedding matrix (fewer
 distinct directions than the largest budget, so the selection scans every row) are generated first, into
---workdir (kept, so a rerun skips generation) or a temporary folder. Then processes, each with its own peak RSS:
+--workdir (kept, so a rerun skips generation) or a temporary folder. Then processes, each with its own peak RSS
+and its CPU time split into user and kernel seconds (per step in a build):
 
   pool    `read_pool` of the JSONL + the evol scores (what every command starts with), then `read_pool` of the
           unchanged file again (the read memo the first read kept: the baseline is the first read);
@@ -15,6 +16,11 @@ distinct directions than the largest budget, so the selection scans every row) a
           the same shapes: the floor a blockwise exact filter can approach. Twice: a build of a file read for the
           first time (its read memo removed), then a build of the unchanged file;
   select  (--select-process) the walk alone over the memory-mapped matrix, replayed the same way.
+
+Before and after them, the rate at which the host gives the process fresh memory (`first_touch_rate`): a pool
+read fills ~1.5 GiB of it, and in a VM whose host takes back free memory the kernel's faults on it can take
+longer than the parse (2026-12-03 on a 2-core EPYC VM: 0.1-4 GB/s, against 8-27 GB/s for memory already
+touched; 7-18 kernel seconds per first read).
 
 Goals (issue 16, 2 cores, 24 GB): each process's peak RSS <= 1x the embedding matrix (the pool streamed, the
 matrix memory-mapped); the selection within 1.5x of its GEMM time; everything in the build but the selection
@@ -37,7 +43,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import clustered_embeddings, current_rss_bytes, peak_rss_bytes, replay_gemms  # noqa: E402
+from _util import (  # noqa: E402
+    clustered_embeddings,
+    cpu_seconds,
+    current_rss_bytes,
+    first_touch_rate,
+    peak_rss_bytes,
+    replay_gemms,
+)
 
 RECIPE = """
 name: bench
@@ -106,9 +119,9 @@ def stage_pool(folder: Path) -> dict:
     from deita_hub.selection import evol_scores
 
     shutil.rmtree(folder / "cache" / "pool-reads", ignore_errors=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     pool = read_pool(folder / "pool.jsonl", cache_dir=folder / "cache")
-    read_seconds = time.perf_counter() - start
+    read_seconds, read_cpu = time.perf_counter() - start, np.subtract(cpu_seconds(), cpu).tolist()
     scores = evol_scores(
         pool.table.column("complexity_scores"),
         pool.table.column("quality_scores"),
@@ -125,6 +138,7 @@ def stage_pool(folder: Path) -> dict:
         "memo": any((folder / "cache" / "pool-reads").glob("*.json")),
         "seconds": seconds,
         "read_seconds": read_seconds,
+        "read_cpu": read_cpu,
         "reread_seconds": again,
         "rows": rows,
         "peak_rss": peak_rss_bytes(),
@@ -152,12 +166,13 @@ def stage_build(folder: Path, *, first_read: bool) -> dict:
         shutil.rmtree(folder / "cache" / "pool-reads", ignore_errors=True)
 
     steps: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {}  # CPU seconds in each step, [user, kernel]
     resident: dict[str, int] = {}  # RSS right after each step: what the build still holds
     selections = {}
 
     def timed(step: str, name: str, function):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start, used = time.perf_counter(), cpu_seconds()
             try:
                 result = function(*args, **kwargs)
                 if name == "select_subsets":
@@ -165,6 +180,7 @@ def stage_build(folder: Path, *, first_read: bool) -> dict:
                 return result
             finally:
                 steps[step] = steps.get(step, 0.0) + time.perf_counter() - start
+                cpu[step] = np.add(cpu.get(step, [0.0, 0.0]), np.subtract(cpu_seconds(), used)).tolist()
                 resident[step] = current_rss_bytes()
 
         return wrapper
@@ -181,18 +197,20 @@ def stage_build(folder: Path, *, first_read: bool) -> dict:
     ):
         setattr(dataset, name, timed(step, name, getattr(dataset, name)))
     out = folder / "out"
-    start = time.perf_counter()
+    start, used = time.perf_counter(), cpu_seconds()
     result = dataset.build(
         folder / "recipe.yaml", out, cache_dir=folder / "cache", progress=False, overwrite=True
     )
-    seconds = time.perf_counter() - start
+    seconds, used = time.perf_counter() - start, np.subtract(cpu_seconds(), used).tolist()
     peak = peak_rss_bytes()  # before the replay, which holds its own operands
     shutil.rmtree(out, ignore_errors=True)
     walk = selections["10k"]  # the one Deita walk (6k is its prefix); random and longest multiply nothing
     return {
         "seconds": seconds,
+        "cpu": used,
         "peak_rss": peak,
         "steps": steps,
+        "cpu_steps": cpu,
         "resident": resident,
         "rows": {s["name"]: s["rows"] for s in result.record["subsets"]},
         **walk_stats(walk),
@@ -264,6 +282,7 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
         f"{DTYPES[args.dtype]} ({matrix_bytes / 2**30:.2f} GiB, memory-mapped)"
     )
     print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()), f"({os.cpu_count()} CPUs)")
+    print(fresh_memory_line("before"))
     print(
         f"page cache warmed with the pool and the matrix in {warm_page_cache(folder):.0f} s (not measured below)"
     )
@@ -275,11 +294,17 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     def rss(stats):
         return f"{stats['peak_rss'] / 2**30:6.2f} GiB {stats['peak_rss'] / matrix_bytes:5.2f}x"
 
-    print(f"\n{'process / step':34} {'wall s':>8}   {'peak RSS':>9} {'x matrix':>8}")
-    print(f"{'pool: read_pool + evol scores':34} {pool['seconds']:8.1f}   {rss(pool)}")
-    print(f"{'  of which read_pool':34} {pool['read_seconds']:8.1f}")
+    def row(label: str, seconds: float, cpu: list[float] | None = None, *rest: str) -> None:
+        used = f"{cpu[0]:8.1f} {cpu[1]:8.1f}" if cpu else " " * 17
+        print(f"{label:34} {seconds:8.1f} {used}   {' '.join(rest)}".rstrip())
+
     print(
-        f"{'  read_pool again, file unchanged':34} {pool['reread_seconds']:8.1f}   "
+        f"\n{'process / step':34} {'wall s':>8} {'user s':>8} {'kernel s':>8}   {'peak RSS':>9} {'x matrix':>8}"
+    )
+    row("pool: read_pool + evol scores", pool["seconds"], None, rss(pool))
+    row("  of which read_pool", pool["read_seconds"], pool["read_cpu"])
+    print(
+        f"{'  read_pool again, file unchanged':34} {pool['reread_seconds']:8.1f} {'':17}   "
         + (
             f"({pool['read_seconds'] / pool['reread_seconds']:.2f}x faster: the read memo spares the scan and checksums)"
             if pool["memo"]
@@ -289,20 +314,19 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     if select:
         print(f"{'select: the walk alone':34} {select['seconds']:8.1f}   {rss(select)}")
         print(f"{'  its products as fp32 GEMMs':34} {select['gemm_seconds']:8.1f}")
-    print(f"{'build: the whole recipe, pool new':34} {build['seconds']:8.1f}   {rss(build)}")
+    row("build: the whole recipe, pool new", build["seconds"], build["cpu"], rss(build))
     for step, seconds in build["steps"].items():
-        print(
-            f"{'  ' + step:34} {seconds:8.1f}   {build['resident'][step] / 2**30:6.2f} GiB resident after it"
-        )
+        resident = f"{build['resident'][step] / 2**30:6.2f} GiB resident after it"
+        row("  " + step, seconds, build["cpu_steps"][step], resident)
     print(
-        f"{'  its walk: products as fp32 GEMMs':34} {build['gemm_seconds']:8.1f}   "
+        f"{'  its walk: products as fp32 GEMMs':34} {build['gemm_seconds']:8.1f} {'':17}   "
         f"({build['gemm_flop'] / 1e12:.2f} TFLOP at {build['gemm_flop'] / 1e9 / build['gemm_seconds']:.0f} GFLOP/s, "
         "replayed after the build)"
     )
-    print(f"{'build again, pool file unchanged':34} {again['seconds']:8.1f}   {rss(again)}")
+    row("build again, pool file unchanged", again["seconds"], again["cpu"], rss(again))
     for step in ("read pool", "select (4 subsets, 1 walk)"):
-        print(f"{'  ' + step:34} {again['steps'][step]:8.1f}")
-    print(f"{'  its walk: products as fp32 GEMMs':34} {again['gemm_seconds']:8.1f}")
+        row("  " + step, again["steps"][step], again["cpu_steps"][step])
+    row("  its walk: products as fp32 GEMMs", again["gemm_seconds"])
     worst = max(s["peak_rss"] for s in (pool, select, build, again) if s)
     print(
         f"\nthe walk selected {build['selected']:,} after scanning {build['scanned']:,} of {build['pool_rows']:,} "
@@ -322,6 +346,16 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
             f"build minus selection <= 25% of the build: {rest:.1f} s = {rest / stats['seconds']:.0%}"
         )
     print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(fresh_memory_line("after"))
+    print(
+        "kernel s: in a pool read, mostly faulting in the fresh memory its table fills (slow where the host gives "
+        "fresh memory slowly: see the lines above); in the walk, copying its rows out of the page cache (pread)"
+    )
+
+
+def fresh_memory_line(when: str) -> str:
+    first, again = first_touch_rate()
+    return f"fresh memory {when} the stages: 512 MiB first touched at {first:.2f} GB/s, rewritten at {again:.1f} GB/s"
 
 
 def main() -> None:

@@ -613,7 +613,8 @@ class _Sketch:
         else:  # numpy's argmax is faster than torch's, and has no bfloat16
             self.torch.from_numpy(product).copy_(self._operand(rows) @ self.projection @ self.selected[:k].T)
         np.argmax(product, axis=1, out=guess)
-        np.einsum("ij,ij->i", rows, selected[guess], out=dots)
+        guessed = np.take(selected, guess, axis=0, out=threads.buffer("guessed", rows.shape))
+        np.einsum("ij,ij->i", rows, guessed, out=dots)
 
 
 def deita_select(
