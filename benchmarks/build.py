@@ -303,13 +303,13 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     )
     row("pool: read_pool + evol scores", pool["seconds"], None, rss(pool))
     row("  of which read_pool", pool["read_seconds"], pool["read_cpu"])
-    print(
-        f"{'  read_pool again, file unchanged':34} {pool['reread_seconds']:8.1f} {'':17}   "
-        + (
-            f"({pool['read_seconds'] / pool['reread_seconds']:.2f}x faster: the read memo spares the scan and checksums)"
-            if pool["memo"]
-            else "(no read memo: the file is under 64 MiB)"
-        )
+    row(
+        "  read_pool again, file unchanged",
+        pool["reread_seconds"],
+        None,
+        f"({pool['read_seconds'] / pool['reread_seconds']:.2f}x faster: the read memo spares the scan and checksums)"
+        if pool["memo"]
+        else "(no read memo: the file is under 64 MiB)",
     )
     if select:
         print(f"{'select: the walk alone':34} {select['seconds']:8.1f}   {rss(select)}")
@@ -318,10 +318,12 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     for step, seconds in build["steps"].items():
         resident = f"{build['resident'][step] / 2**30:6.2f} GiB resident after it"
         row("  " + step, seconds, build["cpu_steps"][step], resident)
-    print(
-        f"{'  its walk: products as fp32 GEMMs':34} {build['gemm_seconds']:8.1f} {'':17}   "
+    row(
+        "  its walk: products as fp32 GEMMs",
+        build["gemm_seconds"],
+        None,
         f"({build['gemm_flop'] / 1e12:.2f} TFLOP at {build['gemm_flop'] / 1e9 / build['gemm_seconds']:.0f} GFLOP/s, "
-        "replayed after the build)"
+        "replayed after the build)",
     )
     row("build again, pool file unchanged", again["seconds"], again["cpu"], rss(again))
     for step in ("read pool", "select (4 subsets, 1 walk)"):
@@ -349,7 +351,8 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     print(fresh_memory_line("after"))
     print(
         "kernel s: in a pool read, mostly faulting in the fresh memory its table fills (slow where the host gives "
-        "fresh memory slowly: see the lines above); in the walk, copying its rows out of the page cache (pread)"
+        "fresh memory slowly: see the lines above); in the walk, largely its preads (rows copied out of the page "
+        "cache)"
     )
 
 
