@@ -37,10 +37,10 @@ def current_rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """CPU seconds this process has spent so far, (user, kernel)."""
+def clock() -> np.ndarray:
+    """[wall, user CPU, kernel CPU] seconds of this process so far: `clock() - start` times what ran since `start`."""
     times = os.times()
-    return times.user, times.system
+    return np.array([time.perf_counter(), times.user, times.system])
 
 
 def first_touch_rate(nbytes: int = 1 << 29) -> tuple[float, float]:

@@ -44,8 +44,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import (  # noqa: E402
+    clock,
     clustered_embeddings,
-    cpu_seconds,
     current_rss_bytes,
     first_touch_rate,
     peak_rss_bytes,
@@ -119,16 +119,16 @@ def stage_pool(folder: Path) -> dict:
     from deita_hub.selection import evol_scores
 
     shutil.rmtree(folder / "cache" / "pool-reads", ignore_errors=True)
-    start, cpu = time.perf_counter(), cpu_seconds()
+    start = clock()
     pool = read_pool(folder / "pool.jsonl", cache_dir=folder / "cache")
-    read_seconds, read_cpu = time.perf_counter() - start, np.subtract(cpu_seconds(), cpu).tolist()
+    read = (clock() - start).tolist()
     scores = evol_scores(
         pool.table.column("complexity_scores"),
         pool.table.column("quality_scores"),
         rows=pool.rows,
     )
     np.save(folder / "scores.npy", scores)  # the select process starts from the scores, as `select` would
-    seconds, rows, fingerprint = time.perf_counter() - start, len(pool), pool.conversations_fingerprint
+    seconds, rows, fingerprint = (clock() - start)[0], len(pool), pool.conversations_fingerprint
     del pool, scores
     again = time.perf_counter()
     repeat = read_pool(folder / "pool.jsonl", cache_dir=folder / "cache")
@@ -137,8 +137,7 @@ def stage_pool(folder: Path) -> dict:
     return {
         "memo": any((folder / "cache" / "pool-reads").glob("*.json")),
         "seconds": seconds,
-        "read_seconds": read_seconds,
-        "read_cpu": read_cpu,
+        "read": read,
         "reread_seconds": again,
         "rows": rows,
         "peak_rss": peak_rss_bytes(),
@@ -150,11 +149,11 @@ def stage_select(folder: Path) -> dict:
 
     embeddings = np.load(folder / "emb.npy", mmap_mode="r")
     scores = np.load(folder / "scores.npy")
-    start = time.perf_counter()
+    start = clock()
     result = deita_select(embeddings, scores, SelectionConfig(budget=LARGEST_BUDGET, max_similarity=0.9))
-    seconds = time.perf_counter() - start
+    walk = (clock() - start).tolist()
     peak = peak_rss_bytes()  # before the replay, which holds its own operands
-    return {"seconds": seconds, "peak_rss": peak, **walk_stats(result)}
+    return {"walk": walk, "peak_rss": peak, **walk_stats(result)}
 
 
 def stage_build(folder: Path, *, first_read: bool) -> dict:
@@ -165,22 +164,20 @@ def stage_build(folder: Path, *, first_read: bool) -> dict:
     if first_read:
         shutil.rmtree(folder / "cache" / "pool-reads", ignore_errors=True)
 
-    steps: dict[str, float] = {}
-    cpu: dict[str, list[float]] = {}  # CPU seconds in each step, [user, kernel]
+    steps: dict[str, list[float]] = {}  # [wall, user, kernel] seconds in each step
     resident: dict[str, int] = {}  # RSS right after each step: what the build still holds
     selections = {}
 
     def timed(step: str, name: str, function):
         def wrapper(*args, **kwargs):
-            start, used = time.perf_counter(), cpu_seconds()
+            start = clock()
             try:
                 result = function(*args, **kwargs)
                 if name == "select_subsets":
                     selections.update(result)
                 return result
             finally:
-                steps[step] = steps.get(step, 0.0) + time.perf_counter() - start
-                cpu[step] = np.add(cpu.get(step, [0.0, 0.0]), np.subtract(cpu_seconds(), used)).tolist()
+                steps[step] = (clock() - start + steps.get(step, 0.0)).tolist()
                 resident[step] = current_rss_bytes()
 
         return wrapper
@@ -197,20 +194,18 @@ def stage_build(folder: Path, *, first_read: bool) -> dict:
     ):
         setattr(dataset, name, timed(step, name, getattr(dataset, name)))
     out = folder / "out"
-    start, used = time.perf_counter(), cpu_seconds()
+    start = clock()
     result = dataset.build(
         folder / "recipe.yaml", out, cache_dir=folder / "cache", progress=False, overwrite=True
     )
-    seconds, used = time.perf_counter() - start, np.subtract(cpu_seconds(), used).tolist()
+    total = (clock() - start).tolist()
     peak = peak_rss_bytes()  # before the replay, which holds its own operands
     shutil.rmtree(out, ignore_errors=True)
     walk = selections["10k"]  # the one Deita walk (6k is its prefix); random and longest multiply nothing
     return {
-        "seconds": seconds,
-        "cpu": used,
+        "total": total,
         "peak_rss": peak,
         "steps": steps,
-        "cpu_steps": cpu,
         "resident": resident,
         "rows": {s["name"]: s["rows"] for s in result.record["subsets"]},
         **walk_stats(walk),
@@ -294,41 +289,39 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     def rss(stats):
         return f"{stats['peak_rss'] / 2**30:6.2f} GiB {stats['peak_rss'] / matrix_bytes:5.2f}x"
 
-    def row(label: str, seconds: float, cpu: list[float] | None = None, *rest: str) -> None:
-        used = f"{cpu[0]:8.1f} {cpu[1]:8.1f}" if cpu else " " * 17
-        print(f"{label:34} {seconds:8.1f} {used}   {' '.join(rest)}".rstrip())
+    def row(label: str, seconds: list[float], *rest: str) -> None:
+        """`seconds`: [wall] or [wall, user, kernel]."""
+        columns = "".join(f" {s:8.1f}" for s in seconds).ljust(27)
+        print(f"{label:34}{columns}   {' '.join(rest)}".rstrip())
 
     print(
         f"\n{'process / step':34} {'wall s':>8} {'user s':>8} {'kernel s':>8}   {'peak RSS':>9} {'x matrix':>8}"
     )
-    row("pool: read_pool + evol scores", pool["seconds"], None, rss(pool))
-    row("  of which read_pool", pool["read_seconds"], pool["read_cpu"])
+    row("pool: read_pool + evol scores", [pool["seconds"]], rss(pool))
+    row("  of which read_pool", pool["read"])
     row(
         "  read_pool again, file unchanged",
-        pool["reread_seconds"],
-        None,
-        f"({pool['read_seconds'] / pool['reread_seconds']:.2f}x faster: the read memo spares the scan and checksums)"
+        [pool["reread_seconds"]],
+        f"({pool['read'][0] / pool['reread_seconds']:.2f}x faster: the read memo spares the scan and checksums)"
         if pool["memo"]
         else "(no read memo: the file is under 64 MiB)",
     )
     if select:
-        print(f"{'select: the walk alone':34} {select['seconds']:8.1f}   {rss(select)}")
-        print(f"{'  its products as fp32 GEMMs':34} {select['gemm_seconds']:8.1f}")
-    row("build: the whole recipe, pool new", build["seconds"], build["cpu"], rss(build))
+        row("select: the walk alone", select["walk"], rss(select))
+        row("  its products as fp32 GEMMs", [select["gemm_seconds"]])
+    row("build: the whole recipe, pool new", build["total"], rss(build))
     for step, seconds in build["steps"].items():
-        resident = f"{build['resident'][step] / 2**30:6.2f} GiB resident after it"
-        row("  " + step, seconds, build["cpu_steps"][step], resident)
+        row("  " + step, seconds, f"{build['resident'][step] / 2**30:6.2f} GiB resident after it")
     row(
         "  its walk: products as fp32 GEMMs",
-        build["gemm_seconds"],
-        None,
+        [build["gemm_seconds"]],
         f"({build['gemm_flop'] / 1e12:.2f} TFLOP at {build['gemm_flop'] / 1e9 / build['gemm_seconds']:.0f} GFLOP/s, "
         "replayed after the build)",
     )
-    row("build again, pool file unchanged", again["seconds"], again["cpu"], rss(again))
+    row("build again, pool file unchanged", again["total"], rss(again))
     for step in ("read pool", "select (4 subsets, 1 walk)"):
-        row("  " + step, again["steps"][step], again["cpu_steps"][step])
-    row("  its walk: products as fp32 GEMMs", again["gemm_seconds"])
+        row("  " + step, again["steps"][step])
+    row("  its walk: products as fp32 GEMMs", [again["gemm_seconds"]])
     worst = max(s["peak_rss"] for s in (pool, select, build, again) if s)
     print(
         f"\nthe walk selected {build['selected']:,} after scanning {build['scanned']:,} of {build['pool_rows']:,} "
@@ -341,11 +334,11 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
         )
     print(f"goals: peak RSS <= 1x the matrix: worst {worst / matrix_bytes:.2f}x")
     for name, stats in (("pool new", build), ("pool unchanged", again)):
-        selecting = stats["steps"]["select (4 subsets, 1 walk)"]
-        rest = stats["seconds"] - selecting
+        selecting, seconds = stats["steps"]["select (4 subsets, 1 walk)"][0], stats["total"][0]
+        rest = seconds - selecting
         print(
             f"  build, {name + ':':15} selection <= 1.5x its GEMM time: {selecting / stats['gemm_seconds']:.2f}x | "
-            f"build minus selection <= 25% of the build: {rest:.1f} s = {rest / stats['seconds']:.0%}"
+            f"build minus selection <= 25% of the build: {rest:.1f} s = {rest / seconds:.0%}"
         )
     print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(fresh_memory_line("after"))
