@@ -10,7 +10,9 @@ distinct directions than the largest budget, so the selection scans every row) a
 and its CPU time split into user and kernel seconds (per step in a build):
 
   pool    `read_pool` of the JSONL + the evol scores (what every command starts with), then `read_pool` of the
-          unchanged file again (the read memo the first read kept: the baseline is the first read);
+          unchanged file again (the read memo the first read kept: the baseline is the first read); in a process
+          of its own, the first read with the table held whole, as before large pools were streamed (the
+          baseline of the streamed read: its turns stay in the file until a subset takes its rows);
   build   `deita_hub.dataset.build` of a four-subset recipe, with the time and resident memory after each of its
           steps; then the Deita walk's matrix products (`Selection.products`) replayed as bare float32 GEMMs of
           the same shapes: the floor a blockwise exact filter can approach. Twice: a build of a file read for the
@@ -18,9 +20,9 @@ and its CPU time split into user and kernel seconds (per step in a build):
   select  (--select-process) the walk alone over the memory-mapped matrix, replayed the same way.
 
 Before and after them, the rate at which the host gives the process fresh memory (`first_touch_rate`): a pool
-read fills ~1.5 GiB of it, and in a VM whose host takes back free memory the kernel's faults on it can take
+read whole fills ~1.5 GiB of it, and in a VM whose host takes back free memory the kernel's faults on it can take
 longer than the parse (2026-12-03 on a 2-core EPYC VM: 0.1-4 GB/s, against 8-27 GB/s for memory already
-touched; 7-18 kernel seconds per first read).
+touched; 7-18 kernel seconds per first read). The streamed read holds ~0.45 GiB, mostly the same blocks reused.
 
 Goals (issue 16, 2 cores, 24 GB): each process's peak RSS <= 1x the embedding matrix (the pool streamed, the
 matrix memory-mapped); the selection within 1.5x of its GEMM time; everything in the build but the selection
@@ -122,9 +124,10 @@ def stage_pool(folder: Path) -> dict:
     start = clock()
     pool = read_pool(folder / "pool.jsonl", cache_dir=folder / "cache")
     read = (clock() - start).tolist()
+    read_peak = peak_rss_bytes()
     scores = evol_scores(
-        pool.table.column("complexity_scores"),
-        pool.table.column("quality_scores"),
+        pool.column("complexity_scores"),
+        pool.column("quality_scores"),
         rows=pool.rows,
     )
     np.save(folder / "scores.npy", scores)  # the select process starts from the scores, as `select` would
@@ -138,10 +141,25 @@ def stage_pool(folder: Path) -> dict:
         "memo": any((folder / "cache" / "pool-reads").glob("*.json")),
         "seconds": seconds,
         "read": read,
+        "read_peak_rss": read_peak,
         "reread_seconds": again,
         "rows": rows,
         "peak_rss": peak_rss_bytes(),
     }
+
+
+def stage_pool_whole(folder: Path) -> dict:
+    """The baseline of the first read: `read_pool` of the same file with its table held whole, as every pool was
+    read before large ones were streamed (`deita_hub.pool._STREAM_MIN_BYTES`)."""
+    import deita_hub.pool as pool_module
+
+    pool_module._STREAM_MIN_BYTES = sys.maxsize
+    shutil.rmtree(folder / "cache" / "pool-reads", ignore_errors=True)
+    start = clock()
+    pool = pool_module.read_pool(folder / "pool.jsonl", cache_dir=folder / "cache")
+    read = (clock() - start).tolist()
+    assert pool.file is None
+    return {"read": read, "peak_rss": peak_rss_bytes()}
 
 
 def stage_select(folder: Path) -> dict:
@@ -227,6 +245,7 @@ def walk_stats(walk) -> dict:
 STAGES = {
     "pool": stage_pool,
     "select": stage_select,
+    "pool-whole": stage_pool_whole,
     "build": functools.partial(stage_build, first_read=True),
     "build-again": functools.partial(stage_build, first_read=False),
 }
@@ -282,6 +301,7 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
         f"page cache warmed with the pool and the matrix in {warm_page_cache(folder):.0f} s (not measured below)"
     )
     pool = run_stage("pool", folder)
+    whole = run_stage("pool-whole", folder)
     select = run_stage("select", folder) if args.select_process else None
     build = run_stage("build", folder)
     again = run_stage("build-again", folder)
@@ -298,7 +318,14 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
         f"\n{'process / step':34} {'wall s':>8} {'user s':>8} {'kernel s':>8}   {'peak RSS':>9} {'x matrix':>8}"
     )
     row("pool: read_pool + evol scores", [pool["seconds"]], rss(pool))
-    row("  of which read_pool", pool["read"])
+    row("  of which read_pool", pool["read"], rss({"peak_rss": pool["read_peak_rss"]}), "(streamed)")
+    row(
+        "  baseline: the table held whole",
+        whole["read"],
+        rss(whole),
+        f"(streamed: {whole['read'][0] / pool['read'][0]:.2f}x faster, "
+        f"{pool['read_peak_rss'] / whole['peak_rss']:.2f}x the peak RSS)",
+    )
     row(
         "  read_pool again, file unchanged",
         [pool["reread_seconds"]],
@@ -322,7 +349,7 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     for step in ("read pool", "select (4 subsets, 1 walk)"):
         row("  " + step, again["steps"][step])
     row("  its walk: products as fp32 GEMMs", [again["gemm_seconds"]])
-    worst = max(s["peak_rss"] for s in (pool, select, build, again) if s)
+    worst = max(s["peak_rss"] for s in (pool, whole, select, build, again) if s)
     print(
         f"\nthe walk selected {build['selected']:,} after scanning {build['scanned']:,} of {build['pool_rows']:,} "
         f"rows ({build['rejected_via_sketch']:,} rejected through the sketch); rows per subset {build['rows']}"
@@ -343,9 +370,9 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     print("load average after:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(fresh_memory_line("after"))
     print(
-        "kernel s: in a pool read, mostly faulting in the fresh memory its table fills (slow where the host gives "
-        "fresh memory slowly: see the lines above); in the walk, largely its preads (rows copied out of the page "
-        "cache)"
+        "kernel s: in a pool read held whole, mostly faulting in the fresh memory its table fills (slow where the "
+        "host gives fresh memory slowly: see the lines above); in the walk, largely its preads (rows copied out of "
+        "the page cache)"
     )
 
 

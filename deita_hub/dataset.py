@@ -27,7 +27,7 @@ from deita_hub.cards.dataset import dataset_card, describe, plot_scores
 from deita_hub.embedding import embed_pool, load_embeddings
 from deita_hub.errors import DeitaHubError
 from deita_hub.io import atomic_file, atomic_folder, default_cache_dir, file_lock, refuse_existing, write_text
-from deita_hub.pool import Pool, read_pool
+from deita_hub.pool import Pool, pick, read_pool
 from deita_hub.preferences import is_preference_columns, is_preference_source, read_preferences
 from deita_hub.recipes import Recipe, load_recipe
 from deita_hub.records import CARD, INVALID_ROWS, SCORES_PLOT, BuildRecord
@@ -90,7 +90,7 @@ def pool_scores(
         ("complexity", spec.complexity_field, spec.complexity),
         ("quality", spec.quality_field, spec.quality),
     ):
-        column = pool.table.column(name) if name in pool.table.column_names else None
+        column = pool.column(name) if name in pool.column_names else None
         if column is not None and column.null_count == 0:
             columns[kind] = column  # every row scored: evol_scores reads the Arrow column as it is
             continue
@@ -100,7 +100,7 @@ def pool_scores(
             from deita_hub.pool import conversations_fingerprint
             from deita_hub.scoring import score_conversations
 
-            todo = [pool.conversations[i] for i in missing]
+            todo = pick(pool.conversations, missing)
             resume_dir = None
             if cache_dir is not None:
                 key = hashlib.sha256(
@@ -172,7 +172,7 @@ def check_hub_models(pool: Pool, recipe: Recipe, *, needs_scores: bool, needs_em
     if needs_scores:
         spec = recipe.scores
         for name, config in ((spec.complexity_field, spec.complexity), (spec.quality_field, spec.quality)):
-            column = pool.table.column(name) if name in pool.table.column_names else None
+            column = pool.column(name) if name in pool.column_names else None
             if config is not None and (column is None or column.null_count):
                 models.append(config.model)
     if needs_embeddings and not recipe.embedding.path and recipe.embedding.config.model:
@@ -240,7 +240,7 @@ def build(
         embeddings, embed_meta = pool_embeddings(pool, recipe, cache, progress=progress)
     selections = select_subsets(recipe.subsets, pool, scores=scores, embeddings=embeddings, progress=progress)
     tables = {s.name: subset_table(pool, selections[s.name], scores) for s in recipe.subsets}
-    if is_preference_columns(pool.table.column_names) and "conversations" not in pool.table.column_names:
+    if is_preference_columns(pool.column_names) and "conversations" not in pool.column_names:
         # A preference set trains from its own prompt/chosen/rejected columns: the ShareGPT column subset_table
         # adds for SFT pools would make it read as LLaMA-Factory's layout (conversations = the prompt).
         tables = {name: table.drop_columns(["conversations"]) for name, table in tables.items()}

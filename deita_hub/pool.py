@@ -2,7 +2,8 @@
 
 A `Pool` keeps the original columns as an Arrow table (every field passes through to the built dataset), one
 canonical conversation per valid row, the original row index of each valid row, the resolved format, two
-fingerprints, and (with `on_invalid="skip"`) the rejected rows with their reasons:
+fingerprints, and (with `on_invalid="skip"`) the rejected rows with their reasons. A large JSONL source of turns is
+streamed: its turns stay in the file until asked for (`Pool.take`, `PoolFile`), the other columns are held:
 - `fingerprint`: the source bytes and the format as resolved (not as typed), for provenance: any change to the
   file, a score column included, changes it;
 - `conversations_fingerprint`: the canonical conversations in order, i.e. exactly what the embedders and scorers
@@ -19,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -52,7 +54,18 @@ _ITERATION_ROWS = 8192  # conversations made into Python objects at a time when 
 _ROLE_NAMES = np.array(CANONICAL_ROLES, dtype=object)
 
 
-class ArrowConversations(Sequence):
+class _Conversations(Sequence):
+    """Conversations that compare equal to any sequence of the same conversations (a list of them included)."""
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None
+
+
+class ArrowConversations(_Conversations):
     """Canonical conversations held column-wise: every turn's content in one Arrow string array, its role as a code
     into CANONICAL_ROLES, each conversation a range of turns. A conversation becomes Python dicts only when it is
     read (`conversations[i]`, iteration), so a million-row pool costs Arrow memory, not a million lists of dicts;
@@ -103,13 +116,6 @@ class ArrowConversations(Sequence):
         for first in range(0, len(self), _ITERATION_ROWS):
             yield from self._rows(first, min(first + _ITERATION_ROWS, len(self)))
 
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None
-
     def __repr__(self) -> str:
         return f"ArrowConversations({len(self)} conversations, {len(self.codes)} turns)"
 
@@ -126,9 +132,11 @@ def _chunks(array: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
 
 
 def _joined(parts: list[Sequence]) -> Sequence:
-    """Per-source items as one sequence: column-wise conversations stay column-wise."""
+    """Per-source items as one sequence: column-wise conversations stay column-wise, a streamed source streamed."""
+    if len(parts) == 1:
+        return parts[0]
     if parts and all(isinstance(part, ArrowConversations) for part in parts):
-        return parts[0] if len(parts) == 1 else ArrowConversations.concat(parts)
+        return ArrowConversations.concat(parts)
     return [item for part in parts for item in part]
 
 
@@ -137,8 +145,9 @@ class Pool:
     """Valid rows of one or more sources, in source order."""
 
     source: str
-    table: pa.Table  # original columns of the valid rows
-    conversations: Sequence[list[dict[str, str]]]  # a list, or ArrowConversations (read in bulk)
+    # The original columns of the valid rows in memory: all of them, or all but a streamed source's turns.
+    held: pa.Table
+    conversations: Sequence[list[dict[str, str]]]  # a list, ArrowConversations (read in bulk) or streamed
     rows: np.ndarray  # int64: position of each valid row in the (concatenated) source
     spec: FormatSpec  # resolved format of the (first) source
     fingerprint: str  # "sha256:<hex>" over the source bytes and each source's resolved format
@@ -148,10 +157,42 @@ class Pool:
     def __len__(self) -> int:
         return len(self.conversations)
 
+    @property
+    def file(self) -> PoolFile | None:
+        """Where a streamed pool's turns column stays (None when every column is held)."""
+        return self.conversations.file if isinstance(self.conversations, StreamedConversations) else None
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.held.column_names if self.file is None else self.file.columns.names
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One original column of the valid rows (a streamed pool's turns column read from its file)."""
+        return self.table.column(name) if name not in self.held.column_names else self.held.column(name)
+
+    @cached_property
+    def table(self) -> pa.Table:
+        """Every original column of the valid rows: a streamed pool reads its turns column from the file again
+        (seconds per GB); what needs some rows only takes them (`take`)."""
+        file = self.file
+        if file is None:
+            return self.held
+        at = file.columns.get_field_index(file.deferred)
+        return self.held.add_column(at, file.columns.field(at), file.column())
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        """Every original column of the rows at `positions` (in that order): a streamed pool reads only those rows'
+        turns from its file."""
+        file = self.file
+        if file is None or "table" in self.__dict__:
+            return take_rows(self.table, positions)
+        at = file.columns.get_field_index(file.deferred)
+        return take_rows(self.held, positions).add_column(at, file.columns.field(at), file.column(positions))
+
     @cached_property
     def response_lengths(self) -> np.ndarray:
         """Assistant characters per valid row (what the `longest` baseline ranks by), int64 (rows,)."""
-        if isinstance(self.conversations, ArrowConversations):
+        if isinstance(self.conversations, ArrowConversations | StreamedConversations):
             return self.conversations.response_lengths()
         return np.fromiter(map(response_length, self.conversations), dtype=np.int64, count=len(self))
 
@@ -170,6 +211,25 @@ class Pool:
             "num_valid_rows": len(self),
             "num_invalid_rows": len(self.invalid),
         }
+
+
+def take_rows(table: pa.Table, positions: np.ndarray) -> pa.Table:
+    """`table.take(positions)`, a record batch at a time: Arrow's take on a many-chunk column (a pool read in
+    bulk) first joins its chunks, a transient copy of the whole pool (1.6 GB at a million rows)."""
+    batches = table.to_batches()
+    if len(batches) <= 1:
+        return table.take(pa.array(positions, type=pa.int64()))
+    bounds = np.cumsum([0] + [batch.num_rows for batch in batches])
+    which = np.searchsorted(bounds, positions, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    parts = [
+        batches[b].take(pa.array(positions[order][which[order] == b] - bounds[b], type=pa.int64()))
+        for b in np.unique(which)
+    ]
+    gathered = pa.Table.from_batches(parts, schema=table.schema)  # rows grouped by batch
+    back = np.empty(len(order), dtype=np.int64)
+    back[order] = np.arange(len(order))
+    return gathered.take(pa.array(back))
 
 
 def conversations_fingerprint(conversations: Sequence[list[dict[str, str]]]) -> str:
@@ -474,6 +534,8 @@ class _LineScan:
         self.nesting, self.plain, self.newlines = nesting, True, 0
         self.fed, self.line_start = 0, 0  # bytes fed so far; where the open line starts
         self.openers = 0  # carried across chunks: the open line's "{"/"[" count
+        self.ends: list[np.ndarray] = []  # per chunk, where each line ending in it ends in the file
+        self.longest = 0  # bytes of the longest line so far
 
     def feed(self, data: bytes) -> bool:
         """Scan the next chunk; False once any line so far may not be handed to Arrow."""
@@ -496,6 +558,7 @@ class _LineScan:
         if longest > _JSON_BLOCK_BYTES:
             self.plain = False
             return False
+        self.longest = max(self.longest, longest)
         if self.nesting:
             openings = np.flatnonzero((chunk == 0x7B) | (chunk == 0x5B))
             per_line = np.diff(np.searchsorted(openings, newlines), prepend=0)  # lines ending in this chunk
@@ -511,6 +574,7 @@ class _LineScan:
         self.newlines += len(newlines)
         self.fed += len(chunk)
         self.line_start = last_start
+        self.ends.append(ends)
         return self.plain
 
     @property
@@ -518,11 +582,16 @@ class _LineScan:
         """The lines fed (a last one without a newline counts), or None when they may not be handed to Arrow."""
         return (self.newlines + (self.line_start < self.fed)) if self.plain else None
 
+    def bounds(self) -> np.ndarray:
+        """int64 (lines + 1): line i is bytes bounds[i]:bounds[i + 1] of the file (its newline included)."""
+        last = [np.array([self.fed])] if self.line_start < self.fed else []
+        return np.concatenate([np.zeros(1, dtype=np.int64), *self.ends, *last]).astype(np.int64)
 
-def _scanned(path: Path, digest) -> int | None:
-    """Feed the file to `digest` (as `_hash_path` feeds it) and to a `_LineScan`, a chunk at a time: its line
-    count, or None as soon as a line may not be handed to Arrow's reader. It runs before Arrow reads the file, and
-    Arrow then reads the file itself: a reader that pulls the file through Python (`pa.PythonFile`) can abort the
+
+def _scanned(path: Path, digest) -> _LineScan | None:
+    """Feed the file to `digest` (as `_hash_path` feeds it) and to a `_LineScan`, a chunk at a time: the scan (its
+    line count and bounds), or None as soon as a line may not be handed to Arrow's reader. It runs before Arrow
+    reads the file, and Arrow then reads the file itself: a reader that pulls the file through Python (`pa.PythonFile`) can abort the
     process when its parse fails while blocks are in flight (`terminate called without an active exception`,
     pyarrow 21-26), and a parse against a schema fails on any field or type the schema lacks."""
     scan = _LineScan(nesting=False)
@@ -532,7 +601,7 @@ def _scanned(path: Path, digest) -> int | None:
             digest.update(chunk)
             if not scan.feed(chunk):
                 return None
-    return scan.lines
+    return scan
 
 
 def _read_differently(kind: pa.DataType) -> bool:
@@ -675,16 +744,14 @@ def _fingerprint_lines(contents: pa.Array, codes: np.ndarray, lengths: np.ndarra
     return _string_bytes(source.take(pa.array(order)))
 
 
-def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Sequence | None:
-    """ShareGPT/OpenAI turns -> canonical conversations, checked column-wise with `validate()`'s rules; None when
-    any row breaks one (or the column is not a list of role/content strings): the row-by-row path then says which.
-    `digest` is fed what `conversations_fingerprint` hashes for them."""
+def _turn_keys(kind: pa.DataType, spec: FormatSpec) -> tuple | None:
+    """(role key, content key, known roles) of a ShareGPT/OpenAI turns column of this type; None when it is not a
+    list of turns with role and content strings (the row-by-row path then names the row and field)."""
     role_key, content_key, known = (
         ("from", "value", SHAREGPT_ROLES)
         if spec.format == "sharegpt"
         else ("role", "content", {r: r for r in CANONICAL_ROLES})
     )
-    kind = column.type
     if not pa.types.is_list(kind) or not pa.types.is_struct(kind.value_type):
         return None
     fields = {
@@ -692,48 +759,63 @@ def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Se
         for i in range(kind.value_type.num_fields)
     }
     if not all(key in fields and pa.types.is_string(fields[key]) for key in (role_key, content_key)):
-        return None  # a turn without its role or content: the row-by-row path names the row and field
+        return None
+    return role_key, content_key, known
 
-    def checked(chunk: pa.Array) -> tuple[ArrowConversations, np.ndarray | None] | None:
-        """One chunk's conversations and its fingerprint lines (when `digest`), or None when a row breaks a rule."""
-        if chunk.null_count:
-            return None
-        offsets = chunk.offsets.to_numpy()
-        lengths = np.diff(offsets)
-        if (lengths == 0).any():
-            return None
-        turns = pc.list_flatten(chunk)
-        if turns.null_count:
-            return None
-        roles, contents = pc.struct_field(turns, role_key), pc.struct_field(turns, content_key)
-        if roles.null_count or contents.null_count:
-            return None
-        raw = pc.unique(roles).to_pylist()
-        mapped = [spec.role_map.get(r) or known.get(r) for r in raw]
-        if None in mapped:
-            return None
-        codes = np.array([_CANONICAL[m] for m in mapped], dtype=np.int8)[
-            pc.index_in(roles, value_set=pa.array(raw, pa.string())).to_numpy()
-        ]
-        row = np.repeat(np.arange(len(lengths)), lengths)
-        j = np.arange(len(codes)) - np.repeat(offsets[:-1] - offsets[0], lengths)
-        system = codes == 0
-        if (system & (j > 0)).any():
-            return None  # a system turn after the first
-        first_system = system[offsets[:-1] - offsets[0]]
-        body_lengths = lengths - first_system
-        if (body_lengths == 0).any() or (body_lengths % 2).any():
-            return None  # no user/assistant turn, or a question without its answer
-        body_index = j - first_system[row]
-        body = body_index >= 0
-        if (codes[body] != 1 + body_index[body] % 2).any():
-            return None  # not user/assistant alternating from a user turn
-        blank = pc.match_substring_regex(contents, _BLANK).to_numpy(zero_copy_only=False)
-        if (blank & body).any():
-            return None
-        lines = _fingerprint_lines(contents, codes, lengths) if digest is not None else None
-        return ArrowConversations(contents, codes, (offsets - offsets[0]).astype(np.int64)), lines
 
+def _chunk_turns(
+    chunk: pa.Array, spec: FormatSpec, keys: tuple, fingerprint: bool
+) -> tuple[ArrowConversations, np.ndarray | None] | None:
+    """One chunk of a turns column (keys: `_turn_keys`) as conversations, with its fingerprint lines (when
+    `fingerprint`), or None when a row breaks a rule."""
+    role_key, content_key, known = keys
+    if chunk.null_count:
+        return None
+    offsets = chunk.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    if (lengths == 0).any():
+        return None
+    turns = pc.list_flatten(chunk)
+    if turns.null_count:
+        return None
+    roles, contents = pc.struct_field(turns, role_key), pc.struct_field(turns, content_key)
+    if roles.null_count or contents.null_count:
+        return None
+    raw = pc.unique(roles).to_pylist()
+    mapped = [spec.role_map.get(r) or known.get(r) for r in raw]
+    if None in mapped:
+        return None
+    codes = np.array([_CANONICAL[m] for m in mapped], dtype=np.int8)[
+        pc.index_in(roles, value_set=pa.array(raw, pa.string())).to_numpy()
+    ]
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    j = np.arange(len(codes)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    system = codes == 0
+    if (system & (j > 0)).any():
+        return None  # a system turn after the first
+    first_system = system[offsets[:-1] - offsets[0]]
+    body_lengths = lengths - first_system
+    if (body_lengths == 0).any() or (body_lengths % 2).any():
+        return None  # no user/assistant turn, or a question without its answer
+    body_index = j - first_system[row]
+    body = body_index >= 0
+    if (codes[body] != 1 + body_index[body] % 2).any():
+        return None  # not user/assistant alternating from a user turn
+    blank = pc.match_substring_regex(contents, _BLANK).to_numpy(zero_copy_only=False)
+    if (blank & body).any():
+        return None
+    lines = _fingerprint_lines(contents, codes, lengths) if fingerprint else None
+    return ArrowConversations(contents, codes, (offsets - offsets[0]).astype(np.int64)), lines
+
+
+def _turns_in_bulk(column: pa.ChunkedArray, spec: FormatSpec, digest=None) -> Sequence | None:
+    """ShareGPT/OpenAI turns -> canonical conversations, checked column-wise with `validate()`'s rules; None when
+    any row breaks one (or the column is not a list of role/content strings): the row-by-row path then says which.
+    `digest` is fed what `conversations_fingerprint` hashes for them."""
+    keys = _turn_keys(column.type, spec)
+    if keys is None:
+        return None
+    checked = functools.partial(_chunk_turns, spec=spec, keys=keys, fingerprint=digest is not None)
     # The chunks on all cores (Arrow and numpy let go of the GIL), fed to `digest` in order.
     conversations: list[ArrowConversations] = []
     for result in ordered_map(checked, column.chunks):
@@ -779,14 +861,24 @@ def _ids_unique(table: pa.Table, name: str, seen: dict, *, only_source: bool) ->
     return True
 
 
-def _parse_json(source, schema: pa.Schema | None = None) -> pa.Table | None:
-    """`source` (a path, or the first lines in a buffer) read by Arrow's JSON reader, against `schema` when given;
-    None when Arrow cannot read it."""
+def _parse_options(schema: pa.Schema | None, *, other_fields: str = "error"):
+    """Arrow's JSON parse options: against `schema` when given, any field it lacks `other_fields` ("error", or
+    "ignore" to read some columns only)."""
     import pyarrow.json as pa_json
 
-    options = (
-        pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error") if schema else None
+    return (
+        pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior=other_fields)
+        if schema
+        else None
     )
+
+
+def _parse_json(source, schema: pa.Schema | None = None, *, other_fields: str = "error") -> pa.Table | None:
+    """`source` (a path, or lines in a buffer) read by Arrow's JSON reader, against `schema` when given; None when
+    Arrow cannot read it."""
+    import pyarrow.json as pa_json
+
+    options = _parse_options(schema, other_fields=other_fields)
     try:
         return pa_json.read_json(
             source, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES), parse_options=options
@@ -805,33 +897,40 @@ def _nesting_fine(path: Path) -> bool:
     return True
 
 
-def _read_json(path: Path, digest) -> tuple[pa.Table, int] | None:
-    """The JSONL file as Arrow's JSON reader reads it against a schema, with its line count, its bytes fed to
-    `digest`; None when it cannot read it or may not be given it (`_LineScan` says).
+def _head_schema(path: Path) -> pa.Schema | None:
+    """The schema Arrow infers from the file's first lines (`_SCHEMA_PREFIX_BYTES`); None when it cannot read
+    them or they hold no field."""
+    with open(path, "rb") as handle:
+        head = handle.read(_SCHEMA_PREFIX_BYTES)
+    head = head[: head.rfind(b"\n") + 1]
+    if not head or not _LineScan(nesting=True).feed(head):
+        return None
+    first = _parse_json(pa.BufferReader(head))
+    return first.schema if first is not None and first.num_columns else None
+
+
+def _read_json(path: Path, digest) -> tuple[pa.Table, _LineScan] | None:
+    """The JSONL file as Arrow's JSON reader reads it against a schema, with its scan (`_scanned`: its bytes fed to
+    `digest`); None when it cannot read it or may not be given it (`_LineScan` says).
 
     Arrow infers types well but misreads values while inferring: a list whose first item is null comes out
     wrong (`[null, false]` as `[false, false]` in pyarrow 26 and `[false]` in 21; `[null, "a"]` as a corrupt
     string), while the same line parsed against a schema reads right. So the values always come from a parse
     against a schema: the one inferred from the file's first lines (measured on a 1.5 GB pool: 3.0 s, against
     3.7 s for inferring throughout), with any field or type it does not hold an error; on which the schema is
-    inferred from the whole file and the file parsed against that. The file is scanned and hashed first
-    (`_scanned`); Arrow then reads it from its path."""
-    with open(path, "rb") as handle:
-        head = handle.read(_SCHEMA_PREFIX_BYTES)
-    head = head[: head.rfind(b"\n") + 1]
-    first = None
-    if head and _LineScan(nesting=True).feed(head):
-        first = _parse_json(pa.BufferReader(head))
-    lines = _scanned(path, digest)
-    if lines is None:
+    inferred from the whole file and the file parsed against that. The file is scanned and hashed first; Arrow
+    then reads it from its path."""
+    first = _head_schema(path)
+    scan = _scanned(path, digest)
+    if scan is None:
         return None
-    table = _parse_json(path, first.schema) if first is not None and first.num_columns else None
+    table = _parse_json(path, first) if first is not None else None
     # New fields or types further on (or a first line Arrow cannot read): the types are inferred from the whole
     # file, once its lines pass the nesting count too.
     if table is None:
         inferred = _parse_json(path) if _nesting_fine(path) else None
         table = _parse_json(path, inferred.schema) if inferred is not None and inferred.num_columns else None
-    return None if table is None else (table, lines)
+    return None if table is None else (table, scan)
 
 
 def fast_jsonl(
@@ -846,6 +945,10 @@ def fast_jsonl(
         return None
     started, before = time.time_ns(), _file_identity(path)
     memo = _ReadMemo.load(memo_dir, path, before)
+    if only_source and before["size"] >= _STREAM_MIN_BYTES:
+        streamed = _streamed_jsonl(path, name, resolve, seen_ids, memo, memo_dir, started, before)
+        if streamed is not None:
+            return streamed
     table = _parse_json(str(path), memo.schema) if memo is not None else None
     if table is None or _file_identity(path) != before:  # no memo, or the file changed while it was parsed
         digest = _HashInBackground(hashlib.sha256())
@@ -854,8 +957,9 @@ def fast_jsonl(
             return (
                 None  # or the file changed while it was read: the hash and the table may be of two versions
             )
-        table, lines = read
-        memo = _ReadMemo(before, digest.hexdigest(), lines, table.schema, {})
+        table, scan = read
+        lines = scan.lines
+        memo = _ReadMemo(before, digest.hexdigest(), lines, scan.longest, table.schema, {})
         learned = True
     else:
         lines, learned = memo.lines, False
@@ -874,19 +978,252 @@ def fast_jsonl(
         layout, tag = resolve(table.column_names, name)
     except DeitaHubError:
         return None  # the row-by-row path says it, after any bad line
-    known = memo.spelled.get(tag)
-    spelled = None if known else _HashInBackground(hashlib.sha256())
+    spelled = None if memo.spelled.get(tag) else _HashInBackground(hashlib.sha256())
     conversations = _conversations_in_bulk(table, layout, spelled)
     if conversations is None or not _ids_unique(table, name, seen_ids, only_source=only_source):
         return None
-    # The conversations' fingerprint, when Arrow spelled it (ShareGPT/OpenAI turns): of this source alone.
-    fingerprint = known
-    if spelled is not None and spelled.hexdigest() != _EMPTY_SHA256:
-        fingerprint = memo.spelled[tag] = "sha256:" + spelled.hexdigest()
-        learned = True
-    if learned:
-        memo.save(memo_dir, path, started)
+    fingerprint = memo.settle(tag, spelled, learned=learned, memo_dir=memo_dir, path=path, started_ns=started)
     return table, conversations, memo.digest, layout, tag, fingerprint
+
+
+# --- a large pool streamed: its turns stay in the file -------------------------------------------------------------
+#
+# Read whole, a pool of a million conversations is a 1.5 GB Arrow table, nearly all of it the turns' text, which
+# most commands never look at again: a selection needs the scores, the response lengths and the fingerprint, then
+# the turns of the rows it keeps. And the memory such a table fills is fresh to the process: in a VM whose host
+# takes back free memory, faulting it in has cost more kernel time than the parse (7-18 s per 1.6 GB read,
+# 2026-12-03). So a large single JSONL source of ShareGPT/OpenAI turns is streamed: Arrow parses it a block at a
+# time against the schema; each block is checked as the whole table would be, its response lengths and
+# fingerprint lines taken, and its turns column dropped, while the other columns (ids, scores, metadata) are kept.
+# The turns are read again from the file when asked for: the rows a subset keeps (`Pool.take`), or all of them
+# once (`Pool.table`, iterating the conversations). The file must be as it was read (git's index test, as for the
+# read memo); a changed file is an error, never two versions in one dataset.
+_STREAM_MIN_BYTES = 1 << 26  # smaller sources are read whole
+# Arrow's streaming reader parses some 40 blocks ahead of its reader, so its blocks are kept small: at 16 MiB they
+# held 0.65 GB, at 4 MiB 0.16 GB (1M rows, 1.6 GB, 2 cores; memory freed and faulted in again as it streams).
+_STREAM_BLOCK_BYTES = 1 << 22
+
+
+@dataclass
+class PoolFile:
+    """Where a streamed source's turns column stays: the JSONL file, as it was read (`identity`); the schema Arrow
+    parses it against and the pool's columns (the same, or with struct fields cast into sorted order); the
+    column left in the file; the resolved format; and each row's line (found on first use when the read memo
+    spared the scan)."""
+
+    path: Path
+    identity: dict[str, Any]
+    parsed: pa.Schema  # what Arrow parses the file against
+    columns: pa.Schema  # the pool's columns, in order
+    deferred: str  # the column left in the file
+    spec: FormatSpec
+    rows: int
+    bounds: np.ndarray | None = None  # int64 (rows + 1): row i is bytes bounds[i]:bounds[i + 1]
+    whole: pa.ChunkedArray | None = field(default=None, repr=False)  # the column of every row, once read
+
+    def _unchanged(self) -> None:
+        try:
+            same = _file_identity(self.path) == self.identity
+        except OSError:
+            same = False
+        if not same:
+            raise DeitaHubError(
+                f"{self.path} changed (or went) after the pool was read from it; run the command again to read "
+                "the file as it is now"
+            )
+
+    def _line_bounds(self) -> np.ndarray:
+        if self.bounds is None:
+            scan = _LineScan(nesting=False)
+            with open(self.path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(_SCAN_BYTES), b""):
+                    scan.feed(chunk)
+            self._unchanged()
+            if scan.lines != self.rows:
+                raise DeitaHubError(f"{self.path}: could not find its {self.rows} lines again")
+            self.bounds = scan.bounds()
+        return self.bounds
+
+    def column(self, positions: np.ndarray | None = None) -> pa.ChunkedArray:
+        """The deferred column of the rows at `positions` (in that order, repeats allowed), or of every row (read
+        once, then kept: the table and the conversations of a pool share it, as they do when it is read whole)."""
+        schema = pa.schema([self.parsed.field(self.deferred)])
+        kind = self.columns.field(self.deferred).type
+        if positions is not None:
+            positions = np.asarray(positions, dtype=np.int64)
+        if self.whole is not None:
+            return (
+                self.whole
+                if positions is None
+                else take_rows(pa.table({"c": self.whole}), positions).column(0)
+            )
+        if positions is not None and not len(positions):
+            return pa.chunked_array([], kind)
+        self._unchanged()
+        if positions is None:
+            table, rows = _parse_json(str(self.path), schema, other_fields="ignore"), self.rows
+        else:
+            wanted, back = np.unique(positions, return_inverse=True)
+            table = _parse_json(pa.BufferReader(self._lines(wanted)), schema, other_fields="ignore")
+            rows = len(wanted)
+        self._unchanged()
+        if table is None or table.num_rows != rows:
+            raise DeitaHubError(f"{self.path}: could not read its {self.deferred!r} column again")
+        column = table.column(0).cast(kind)
+        if positions is None:
+            self.whole = column
+            return column
+        return column.take(pa.array(back.reshape(-1), type=pa.int64()))
+
+    def _lines(self, wanted: np.ndarray) -> bytes:
+        """The lines of the rows `wanted` (sorted, unique), each ending in a newline; runs of neighbours in one read."""
+        bounds = self._line_bounds()
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        firsts, lasts = wanted[np.r_[0, breaks]], wanted[np.r_[breaks - 1, len(wanted) - 1]]
+        parts = []
+        with open(self.path, "rb") as handle:
+            descriptor = handle.fileno()
+            for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
+                start, stop = int(bounds[first]), int(bounds[last + 1])
+                data = os.pread(descriptor, stop - start, start)
+                parts.append(data if data.endswith(b"\n") else data + b"\n")
+        return b"".join(parts)
+
+
+class StreamedConversations(_Conversations):
+    """A streamed pool's conversations (see above): their response lengths, taken while streaming; `take` reads
+    only the rows asked for; anything else (an index, a slice, iterating, as the embedders, scorers and trainers
+    do) reads them all from the file once and keeps them, as a pool read whole does."""
+
+    def __init__(self, file: PoolFile, lengths: np.ndarray):
+        self.file, self.lengths = file, lengths
+
+    @cached_property
+    def _held(self) -> Sequence:
+        conversations = _turns_in_bulk(self.file.column(), self.file.spec)
+        if conversations is None or len(conversations) != len(self):
+            raise DeitaHubError(f"{self.file.path}: could not read its conversations again")
+        return conversations
+
+    def take(self, positions: np.ndarray) -> list[list[dict[str, str]]]:
+        if "_held" in self.__dict__:
+            return pick(self._held, positions)
+        conversations = _turns_in_bulk(self.file.column(positions), self.file.spec)
+        if conversations is None:
+            raise DeitaHubError(f"{self.file.path}: could not read its conversations again")
+        return list(conversations)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index):
+        return self._held[index]
+
+    def __iter__(self):
+        return iter(self._held)
+
+    def __repr__(self) -> str:
+        return f"StreamedConversations({len(self)} conversations in {self.file.path})"
+
+    def response_lengths(self) -> np.ndarray:
+        return self.lengths
+
+
+def pick(conversations: Sequence, positions: np.ndarray) -> list[list[dict[str, str]]]:
+    """The conversations at `positions`, in that order: a streamed pool reads only those rows from its file."""
+    if isinstance(conversations, StreamedConversations):
+        return conversations.take(positions)
+    return [conversations[int(p)] for p in positions]
+
+
+def _stream(path: Path, file: PoolFile, spelled, *, block_bytes: int) -> tuple[pa.Table, np.ndarray] | None:
+    """Stream `file`'s source through Arrow's JSON reader, in blocks of `block_bytes` (no line longer: Arrow's
+    reader may abort on a line across three blocks): per block, the bulk read's checks (`fast_jsonl`), its
+    fingerprint lines fed to `spelled` (when given), its response lengths; its columns but the deferred one kept.
+    None when Arrow cannot parse a block against the schema or a block fails a check (the whole-file path then
+    reads the file)."""
+    import pyarrow.json as pa_json
+
+    keys = _turn_keys(file.columns.field(file.deferred).type, file.spec)
+    if keys is None:
+        return None
+
+    def checked(batch: pa.RecordBatch):
+        table = pa.Table.from_batches([batch])
+        if not _structurally_valid(table) or any(_huge_floats(column) for column in table.columns):
+            return None
+        if file.columns != file.parsed:
+            try:
+                table = table.cast(file.columns)
+            except pa.lib.ArrowException:
+                return None
+        turns = table.column(file.deferred).combine_chunks()
+        result = _chunk_turns(turns, file.spec, keys, fingerprint=spelled is not None)
+        if result is None:
+            return None
+        conversations, lines = result
+        return table.drop_columns([file.deferred]), conversations.response_lengths(), lines
+
+    held, lengths = [], []
+    try:
+        reader = pa_json.open_json(
+            str(path),
+            read_options=pa_json.ReadOptions(block_size=block_bytes),
+            parse_options=_parse_options(file.parsed),
+        )
+        for result in ordered_map(checked, reader):
+            if result is None:
+                return None
+            table, block_lengths, lines = result
+            if spelled is not None:
+                spelled.update(lines)
+            held.append(table)
+            lengths.append(block_lengths)
+    except pa.lib.ArrowException:
+        return None
+    if not held:
+        return None
+    return pa.concat_tables(held), np.concatenate(lengths)
+
+
+def _streamed_jsonl(
+    path: Path, name: str, resolve, seen_ids: dict, memo, memo_dir, started: int, before: dict
+):
+    """`fast_jsonl`'s result for a large single source of turns, streamed (see above); None when it is not one,
+    or when anything is off (the whole-file path then reads it, and the row-by-row path if that fails too)."""
+    bounds, learned = None, False
+    if memo is None:
+        digest = _HashInBackground(hashlib.sha256())
+        schema = _head_schema(path)
+        scan = _scanned(path, digest) if schema is not None else None
+        if scan is None:
+            return None
+        memo = _ReadMemo(before, digest.hexdigest(), scan.lines, scan.longest, schema, {})
+        bounds, learned = scan.bounds(), True
+    if any(_read_differently(f.type) for f in memo.schema):
+        return None
+    try:
+        layout, tag = resolve(memo.schema.names, name)
+    except DeitaHubError:
+        return None
+    if layout.format not in ("sharegpt", "openai") or layout.system_field is not None:
+        return None
+    deferred = layout.conversations_field if layout.format == "sharegpt" else layout.messages_field
+    if deferred not in memo.schema.names or len(memo.schema) < 2:
+        return None  # (a table of no columns keeps no row count through every pyarrow version: read it whole)
+    columns = memo.schema
+    if _inference_sorts_struct_fields():
+        columns = pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in memo.schema])
+    file = PoolFile(path, before, memo.schema, columns, deferred, layout, memo.lines, bounds)
+    spelled = None if memo.spelled.get(tag) else _HashInBackground(hashlib.sha256())
+    streamed = _stream(path, file, spelled, block_bytes=max(_STREAM_BLOCK_BYTES, memo.longest))
+    if streamed is None or _file_identity(path) != before:
+        return None
+    held, lengths = streamed
+    if held.num_rows != file.rows or not _ids_unique(held, name, seen_ids, only_source=True):
+        return None
+    fingerprint = memo.settle(tag, spelled, learned=learned, memo_dir=memo_dir, path=path, started_ns=started)
+    return held, StreamedConversations(file, lengths), memo.digest, layout, tag, fingerprint
 
 
 # --- what a bulk read learned, kept for the next read of the same file --------------------------------------------
@@ -899,7 +1236,7 @@ def fast_jsonl(
 # and ctime. A write changes the ctime, which no user call can set back, so a memo is only kept for a file whose ctime
 # was settled before the read began (a write in the same clock tick would go unseen) and whose identity did not move
 # during it.
-_MEMO_FORMAT = 1  # bump when what a read checks, or how it spells a fingerprint, changes
+_MEMO_FORMAT = 2  # bump when what a read checks, or how it spells a fingerprint, changes
 _MEMO_MIN_BYTES = 1 << 26  # smaller files are read in under a second: no memo
 # File systems with 1-2 s timestamps (FAT, some network mounts) round a write's time down by up to that much.
 _MEMO_SETTLED_NS = 2 * 10**9
@@ -924,11 +1261,13 @@ def _file_identity(path: Path) -> dict[str, Any]:
 class _ReadMemo:
     """What a bulk read of one JSONL file learned: the file's identity when read, its fingerprint part (sha256
     of its bytes), its line count, the schema Arrow parsed it against, and its conversations' fingerprint per
-    resolved layout (a `--format` or role map that reads it differently is checked and spelled afresh)."""
+    resolved layout (a `--format` or role map that reads it differently is checked and spelled afresh), and its
+    longest line's length (what a streamed read's blocks must hold)."""
 
     identity: dict[str, Any]
     digest: str
     lines: int
+    longest: int
     schema: pa.Schema
     spelled: dict[str, str]
 
@@ -948,9 +1287,24 @@ class _ReadMemo:
             if kept["identity"] != identity:
                 return None
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(kept["schema"])))
-            return cls(identity, kept["digest"], int(kept["lines"]), schema, dict(kept["spelled"]))
+            lines, longest = int(kept["lines"]), int(kept["longest"])
+            return cls(identity, kept["digest"], lines, longest, schema, dict(kept["spelled"]))
         except (OSError, ValueError, KeyError, TypeError, pa.lib.ArrowException):
             return None
+
+    def settle(
+        self, tag: str, spelled, *, learned: bool, memo_dir, path: Path, started_ns: int
+    ) -> str | None:
+        """The read's conversations fingerprint: the one `spelled` hashed (ShareGPT/OpenAI turns spelled by Arrow,
+        of this source alone), kept for the layout `tag`, or the one kept before; the memo saved when the read
+        learned anything."""
+        fingerprint = self.spelled.get(tag)
+        if spelled is not None and spelled.hexdigest() != _EMPTY_SHA256:
+            fingerprint = self.spelled[tag] = "sha256:" + spelled.hexdigest()
+            learned = True
+        if learned:
+            self.save(memo_dir, path, started_ns)
+        return fingerprint
 
     def save(self, memo_dir: Path | None, path: Path, started_ns: int) -> None:
         """Keep this memo for the next read, when the file qualifies (see above); a cache that cannot be written
@@ -966,6 +1320,7 @@ class _ReadMemo:
                 "identity": self.identity,
                 "digest": self.digest,
                 "lines": self.lines,
+                "longest": self.longest,
                 "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode(),
                 "spelled": self.spelled,
             }
@@ -1137,7 +1492,7 @@ def read_pool(
         log.warning("skipped %d invalid row(s) of %d", len(invalid), offset)
     pool = Pool(
         source=", ".join(map(str, sources)),
-        table=table,
+        held=table,
         conversations=conversations,
         rows=np.asarray(rows, dtype=np.int64),
         spec=resolved,

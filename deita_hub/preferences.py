@@ -277,7 +277,7 @@ def read_preferences(
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
     pool = Pool(
         source=", ".join(map(str, sources)),
-        table=table,
+        held=table,
         conversations=[pair.chosen_conversation() for pair in pairs],
         rows=np.asarray(rows, dtype=np.int64),
         spec=FormatSpec(format=layout),

@@ -331,7 +331,7 @@ def init_recipe(
     name = (
         name or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(source).rstrip("/")).stem).strip("-") or "my-pool"
     )
-    columns = set(pool.table.column_names)
+    columns = set(pool.column_names)
     spec = pool.spec
     default_spec = FormatSpec()
     fmt = {"format": spec.format}

@@ -18,7 +18,7 @@ from deita_hub.conversations import to_sharegpt
 from deita_hub.embedding import load_embeddings
 from deita_hub.errors import DeitaHubError
 from deita_hub.io import SUFFIXES, write_rows
-from deita_hub.pool import Pool
+from deita_hub.pool import Pool, pick
 from deita_hub.recipes import SubsetSpec
 from deita_hub.selection import Selection, SelectionConfig, evol_scores, select
 
@@ -71,34 +71,15 @@ def select_subsets(
     return {subset.name: results[subset.name] for subset in subsets}  # the recipe's order
 
 
-def take_rows(table: pa.Table, positions: np.ndarray) -> pa.Table:
-    """`table.take(positions)`, a record batch at a time: Arrow's take on a many-chunk column (a pool read in
-    bulk) first joins its chunks, a transient copy of the whole pool (1.6 GB at a million rows)."""
-    batches = table.to_batches()
-    if len(batches) <= 1:
-        return table.take(pa.array(positions, type=pa.int64()))
-    bounds = np.cumsum([0] + [batch.num_rows for batch in batches])
-    which = np.searchsorted(bounds, positions, side="right") - 1
-    order = np.argsort(which, kind="stable")
-    parts = [
-        batches[b].take(pa.array(positions[order][which[order] == b] - bounds[b], type=pa.int64()))
-        for b in np.unique(which)
-    ]
-    gathered = pa.Table.from_batches(parts, schema=table.schema)  # rows grouped by batch
-    back = np.empty(len(order), dtype=np.int64)
-    back[order] = np.arange(len(order))
-    return gathered.take(pa.array(back))
-
-
 def subset_table(pool: Pool, selection: Selection, scores: np.ndarray | None) -> pa.Table:
     """Selected rows in selection order: every input field, ShareGPT `conversations`, and the audit columns."""
-    table = take_rows(pool.table, selection.positions)
+    table = pool.take(selection.positions)
     for name in AUDIT_COLUMNS:
         if name in table.column_names:
             table = table.drop_columns([name])
     if "conversations" not in table.column_names:
         # Non-ShareGPT pools gain Deita's ShareGPT column so every deita-hub dataset trains the same way.
-        sharegpt = [to_sharegpt(pool.conversations[p]) for p in selection.positions]
+        sharegpt = [to_sharegpt(turns) for turns in pick(pool.conversations, selection.positions)]
         table = table.append_column("conversations", pa.array(sharegpt))
     nearest = np.where(selection.nearest >= 0, pool.rows[np.maximum(selection.nearest, 0)], -1)
     similarity = selection.nearest_similarity
@@ -139,7 +120,7 @@ def run_select(
         matrix, _ = load_embeddings(
             embeddings, num_rows=len(pool), conversations_fingerprint=pool.conversations_fingerprint
         )
-    columns = pool.table.column_names
+    columns = pool.column_names
     missing = [name for name in (complexity_field, quality_field) if name not in columns]
     if config.needs_scores and missing:
         raise DeitaHubError(
@@ -158,8 +139,8 @@ def run_select(
     scores = None
     if any(c.needs_scores for c in configs):
         scores = evol_scores(
-            pool.table.column(complexity_field),
-            pool.table.column(quality_field),
+            pool.column(complexity_field),
+            pool.column(quality_field),
             source=pool.source,
             rows=pool.rows,
         )

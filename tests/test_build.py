@@ -143,6 +143,41 @@ def test_rebuild_is_byte_identical_and_needs_overwrite(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("layout", ["sharegpt", "openai"])
+def test_a_streamed_pool_builds_the_same_bytes_reading_only_the_rows_it_keeps(tmp_path, monkeypatch, layout):
+    """A large pool's turns stay in its file (`deita_hub.pool`): the build reads the kept rows' turns from it and
+    writes what a build of the pool held whole writes, byte for byte."""
+    import deita_hub.pool as pool_module
+
+    rows, _ = make_pool(tmp_path)
+    if layout == "openai":  # subsets of a non-ShareGPT pool gain a ShareGPT column made from the turns read
+        roles = {"human": "user", "gpt": "assistant"}
+        for row in rows:
+            row["messages"] = [
+                {"role": roles[t["from"]], "content": t["value"]} for t in row.pop("conversations")
+            ]
+        (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path)
+    build(recipe, tmp_path / "whole", cache_dir=tmp_path / "cache", progress=False)
+    monkeypatch.setattr(pool_module, "_STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(pool_module, "_STREAM_BLOCK_BYTES", 4096)
+    asked = []
+    real = pool_module.PoolFile.column
+    monkeypatch.setattr(
+        pool_module.PoolFile,
+        "column",
+        lambda file, positions=None: asked.append(positions) or real(file, positions),
+    )
+    build(recipe, tmp_path / "streamed", cache_dir=tmp_path / "cache", progress=False)
+    assert asked and all(positions is not None and len(positions) <= 50 for positions in asked)
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(tmp_path / "streamed") for p in (tmp_path / "streamed").rglob("*") if p.is_file()
+    )
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+
+
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     import deita_hub.dataset as dataset
 
@@ -409,7 +444,7 @@ def test_embeddings_survive_added_score_columns_and_a_typed_format(tmp_path):
 def test_subset_rows_are_taken_a_batch_at_a_time():
     import pyarrow as pa
 
-    from deita_hub.subsets import take_rows
+    from deita_hub.pool import take_rows
 
     table = pa.Table.from_batches(
         [pa.record_batch({"id": list(range(i, i + 5)), "x": [[i]] * 5}) for i in range(0, 20, 5)]

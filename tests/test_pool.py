@@ -317,10 +317,11 @@ def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
 
     def scanned(text: str) -> int | None:
         path.write_text(text, encoding="utf-8")
-        return pool_module._scanned(path, hashlib.sha256())
+        scan = pool_module._scanned(path, hashlib.sha256())
+        return None if scan is None else scan.lines
 
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
-    assert pool_module._scanned(path, hashlib.sha256()) == len(ROWS)
+    assert pool_module._scanned(path, hashlib.sha256()).lines == len(ROWS)
     # 1,200 openers on one line, read 7 at a time: a parse against a schema may have it, an inferring one not
     assert (
         scanned(ROWS_LINE + '{"x": ' + "[" * 600 + "]" * 600 + ', "y": ' + "[" * 600 + "]" * 600 + "}\n") == 2
@@ -343,7 +344,11 @@ def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert scanned(ROWS_LINE * 3 + ROWS_LINE.strip()) == 4  # no newline at the end
     digest = hashlib.sha256()
-    assert pool_module._scanned(path, digest) == 4
+    scan = pool_module._scanned(path, digest)
+    # each line's bytes, read 7 at a time: where the streamed read finds a row again
+    width = len(ROWS_LINE)
+    assert scan.lines == 4 and scan.longest == width
+    assert scan.bounds().tolist() == [0, width, 2 * width, 3 * width, 4 * width - 1]
     reference = hashlib.sha256()
     pool_module._hash_path(path, reference)
     assert digest.hexdigest() == reference.hexdigest()
@@ -657,3 +662,131 @@ def test_a_file_changed_while_its_memo_read_parses_it_is_read_in_full(tmp_path, 
     pool = read_pool(path, cache_dir=memo_dir)
     assert changed and scanned == [path] and pool.table.column("id").to_pylist()[-1] == "new"
     assert _same_pool(pool, _row_by_row(monkeypatch, path))
+
+
+# --- a large single source streamed: its turns stay in the file ----------------------------------------------------
+
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """Every single JSONL source streamed, in blocks of a line or two (a block grows to hold the longest line)."""
+    monkeypatch.setattr(pool_module, "_STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(pool_module, "_STREAM_BLOCK_BYTES", 64)
+
+
+def _streams(pool) -> bool:
+    return isinstance(pool.conversations, pool_module.StreamedConversations)
+
+
+def _same_rows_taken(pool, exact, positions) -> bool:
+    positions = np.asarray(positions, dtype=np.int64)
+    expected = exact.table.take(pa.array(positions, type=pa.int64()))
+    return pool.take(positions).equals(expected) and pool_module.pick(pool.conversations, positions) == [
+        exact.conversations[int(p)] for p in positions
+    ]
+
+
+@pytest.mark.parametrize("layout", ["sharegpt", "openai"])
+def test_a_streamed_read_equals_the_row_by_row_read(tmp_path, monkeypatch, streamed, layout):
+    """Its columns but the turns held, the turns taken from the file for the rows asked for (in any order, repeats
+    too) or all at once; the same fingerprints, response lengths and schema as the row-by-row read."""
+    rows, spec = BULK_POOLS[layout]
+    rows = rows[:-1] if layout == "sharegpt" else rows
+    rows = [{**row, "id": f"r{k}-{i}"} for k in range(4) for i, row in enumerate(rows)]  # across many blocks
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    exact = _row_by_row(monkeypatch, path, spec)
+    pool = read_pool(path, spec)
+    assert _streams(pool)
+    turns = "conversations" if layout == "sharegpt" else "messages"
+    assert turns not in pool.held.column_names and pool.column_names == exact.table.column_names
+    assert pool.column("id").equals(exact.table.column("id"))
+    assert (pool.fingerprint, pool.conversations_fingerprint) == (
+        exact.fingerprint,
+        exact.conversations_fingerprint,
+    )
+    assert pool.response_lengths.tolist() == exact.response_lengths.tolist()
+    last = len(rows) - 1
+    for positions in ([], [3], [last, 0, 5, 5, 1], list(range(len(rows)))[::-1]):
+        assert _same_rows_taken(pool, exact, positions)
+    assert "_held" not in pool.conversations.__dict__  # nothing so far read every row's turns
+    assert pool.table.equals(exact.table) and pool.table.schema == exact.table.schema
+    assert pool.conversations == exact.conversations and pool.conversations[last] == exact.conversations[last]
+    assert pool.conversations[1:3] == exact.conversations[1:3] and _same_rows_taken(pool, exact, [2, 0])
+
+
+@pytest.mark.parametrize("case", sorted(SCHEMA_CHANGES))
+def test_a_streamed_read_meeting_new_fields_reads_the_file_whole(tmp_path, monkeypatch, streamed, case):
+    """A block Arrow cannot parse against the first lines' schema ends the stream: the whole-file read takes
+    over, with the whole file's schema (and gives the row-by-row read's pool)."""
+    extras, _ = SCHEMA_CHANGES[case]
+    rows = [{**ROWS[i], **extra} for i, extra in enumerate(extras)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    exact = _row_by_row(monkeypatch, path)
+    monkeypatch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", len(json.dumps(rows[0])) + 1)  # the first line
+    pool = read_pool(path)
+    assert _streams(pool) == (case in ("uniform", "list opening with null"))
+    assert _same_pool(pool, exact) and pool.table.schema == exact.table.schema
+    assert _same_rows_taken(pool, exact, [1, 0])
+
+
+@pytest.mark.parametrize("case", sorted(HANDED_OFF | HANDED_OFF_FIRST))
+def test_a_streamed_read_hands_anything_unusual_to_the_row_by_row_path(tmp_path, monkeypatch, streamed, case):
+    path = tmp_path / "p.jsonl"
+    path.write_text(HANDED_OFF_FIRST.get(case) or ROWS_LINE + HANDED_OFF[case], encoding="utf-8")
+    try:
+        expected = _row_by_row(monkeypatch, path, on_invalid="skip")
+    except Exception as exc:  # noqa: BLE001 - whatever the row-by-row path raises, the read raises too
+        expected = exc
+    try:
+        got = read_pool(path, on_invalid="skip")
+    except Exception as exc:  # noqa: BLE001
+        got = exc
+    if isinstance(expected, Exception):
+        assert type(got) is type(expected) and str(got) == str(expected)
+    else:
+        assert not _streams(got) and got.table.equals(expected.table) and got.invalid == expected.invalid
+
+
+def test_a_streamed_pool_whose_file_changes_says_so(tmp_path, monkeypatch, streamed):
+    """The turns are read again from the file as it was read, or not at all: never rows of two versions."""
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    pool = read_pool(path)
+    assert _streams(pool) and pool.take(np.array([1])).column("id").to_pylist() == ["r1"]
+    time.sleep(0.05)
+    write_jsonl(path, [*ROWS[:4], {**ROWS[4], "id": "new"}])
+    for read in (lambda: pool.take(np.array([0])), lambda: pool.table, lambda: list(pool.conversations)):
+        with pytest.raises(DeitaHubError, match=f"{path}.*changed.*run the command again"):
+            read()
+    path.unlink()
+    with pytest.raises(DeitaHubError, match="changed \\(or went\\)"):
+        pool.conversations.take(np.array([0]))
+
+
+def test_a_streamed_read_from_its_memo_finds_its_lines_when_asked(tmp_path, monkeypatch, streamed, memo_dir):
+    """Read again from its memo, a file is not scanned: its lines are found when rows are first taken. A line
+    longer than a block makes the blocks longer (Arrow's reader may abort on a line across three blocks)."""
+    rows = [*ROWS[:2], {**ROWS[2], "note": "x" * 500}, *ROWS[3:]]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    exact = _row_by_row(monkeypatch, path)
+    blocks = []
+    real_options = pa_json.ReadOptions
+    monkeypatch.setattr(
+        pa_json, "ReadOptions", lambda **k: blocks.append(k["block_size"]) or real_options(**k)
+    )
+    scanned = _full_reads(monkeypatch)
+    first = read_pool(path, cache_dir=memo_dir)
+    again = read_pool(path, cache_dir=memo_dir)
+    assert scanned == [path] and _streams(first) and _streams(again)
+    assert again.conversations.file.bounds is None and _same_rows_taken(again, exact, [4, 2, 0])
+    assert again.conversations.file.bounds.tolist() == first.conversations.file.bounds.tolist()
+    assert min(blocks) > len(json.dumps(rows[2]))
+    assert _same_pool(first, exact) and _same_pool(again, exact)
+
+
+def test_several_sources_or_a_small_file_are_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool_module, "_STREAM_MIN_BYTES", 2 * len(ROWS_LINE))
+    small, large = write_jsonl(tmp_path / "a.jsonl", ROWS[:1]), write_jsonl(tmp_path / "b.jsonl", ROWS[1:])
+    assert not _streams(read_pool(small)) and _streams(read_pool(large))
+    both = read_pool([small, large])
+    assert not _streams(both)
+    assert list(both.conversations) == [*read_pool(small).conversations, *read_pool(large).conversations]

@@ -135,7 +135,8 @@ def _after_a_plain_row(**fields) -> list[dict]:
 @example(rows=_after_a_plain_row(score=[2**53 + 1, 0.0]))
 def test_bulk_read_against_the_first_lines_schema_equals_the_row_by_row_read(tmp_path, rows):
     """Whatever the later rows do to the first row's types, the bulk JSONL read parsed against the first line's
-    schema gives the pool (or the error) the row-by-row read gives."""
+    schema gives the pool (or the error) the row-by-row read gives: read whole, and streamed a line or two a block
+    (the turns then read again from the file)."""
     import deita_hub.pool as pool_module
 
     folder = Folder(tmp_path)
@@ -145,13 +146,17 @@ def test_bulk_read_against_the_first_lines_schema_equals_the_row_by_row_read(tmp
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pool_module, "fast_jsonl", lambda *a, **k: None)
         expected = _read_or_error(path)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", len(lines[0].encode()))
-        got = _read_or_error(path)
-    if isinstance(expected, str):
-        assert got == expected
-    else:
-        assert got[0].equals(expected[0]) and got[1] == expected[1] and got[2] == expected[2]
+    for stream_from in (None, 0):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", len(lines[0].encode()))
+            if stream_from is not None:
+                patch.setattr(pool_module, "_STREAM_MIN_BYTES", stream_from)
+                patch.setattr(pool_module, "_STREAM_BLOCK_BYTES", 64)
+            got = _read_or_error(path)
+        if isinstance(expected, str):
+            assert got == expected
+        else:
+            assert got[0].equals(expected[0]) and got[1] == expected[1] and got[2] == expected[2]
 
 
 @SETTINGS

@@ -368,7 +368,7 @@ def score_pool(pool, config: ScoreConfig, out: str | Path, *, progress: bool = T
     result = score_conversations(pool.conversations, config, progress=progress, resume_dir=resume_dir)
     source_rows = [int(r) for r in pool.rows]
     failures = []
-    ids = pool.table.column("id").to_pylist() if "id" in pool.table.column_names else None
+    ids = pool.column("id").to_pylist() if "id" in pool.column_names else None
     for item in result.failures:
         record = {"row": source_rows[item["row"]], "pair": item["pair"], "reason": item["reason"]}
         if ids is not None:
@@ -385,7 +385,7 @@ def score_pool(pool, config: ScoreConfig, out: str | Path, *, progress: bool = T
             f"reasons in {failures_path(out)}"
         )
     field_name = config.output_field
-    if field_name in pool.table.column_names:
+    if field_name in pool.column_names:
         log.warning("%s already has '%s'; the new scores replace it", pool.source, field_name)
 
     def rows():
