@@ -1028,8 +1028,8 @@ class PoolFile:
             same = False
         if not same:
             raise DeitaHubError(
-                f"{self.path} changed (or went) after the pool was read from it; run the command again to read "
-                "the file as it is now"
+                f"{self.path} changed or was removed after the pool was read from it; run the command again to "
+                "read the file as it is now"
             )
 
     def _line_bounds(self) -> np.ndarray:
