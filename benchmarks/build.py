@@ -349,7 +349,7 @@ def report(args, folder: Path, generated_seconds: float | None) -> None:
     for step in ("read pool", "select (4 subsets, 1 walk)"):
         row("  " + step, again["steps"][step])
     row("  its walk: products as fp32 GEMMs", [again["gemm_seconds"]])
-    worst = max(s["peak_rss"] for s in (pool, whole, select, build, again) if s)
+    worst = max(s["peak_rss"] for s in (pool, select, build, again) if s)  # deita-hub's, not the baseline
     print(
         f"\nthe walk selected {build['selected']:,} after scanning {build['scanned']:,} of {build['pool_rows']:,} "
         f"rows ({build['rejected_via_sketch']:,} rejected through the sketch); rows per subset {build['rows']}"
