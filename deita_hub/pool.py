@@ -184,8 +184,8 @@ class Pool:
         """Every original column of the rows at `positions` (in that order): a streamed pool reads only those rows'
         turns from its file."""
         file = self.file
-        if file is None or "table" in self.__dict__:
-            return take_rows(self.table, positions)
+        if file is None:
+            return take_rows(self.held, positions)
         at = file.columns.get_field_index(file.deferred)
         return take_rows(self.held, positions).add_column(at, file.columns.field(at), file.column(positions))
 
@@ -1106,8 +1106,6 @@ class StreamedConversations(_Conversations):
         return conversations
 
     def take(self, positions: np.ndarray) -> list[list[dict[str, str]]]:
-        if "_held" in self.__dict__:
-            return pick(self._held, positions)
         conversations = _turns_in_bulk(self.file.column(positions), self.file.spec)
         if conversations is None:
             raise DeitaHubError(f"{self.file.path}: could not read its conversations again")
