@@ -74,12 +74,25 @@ POOL_BYTES_PER_ROW = 1600  # measured: the generated rows average ~1.5 KB of JSO
 
 
 def write_pool(folder: Path, rows: int, dim: int, clusters: int, dtype: str) -> None:
-    """Deita-like rows (1-2 turns, 5-60-word questions, 20-300-word answers in paragraphs with a quote and a
-    list, so with the newlines and quotes JSON escapes; per-turn scores), written a chunk at a time from vectorised draws with the JSON spelled out (the values need no escaping): a million rows in
-    about a minute, not the many minutes json.dumps per row takes on two busy cores."""
+    """The pool (`write_pool_jsonl`), its clustered embedding matrix and the recipe, into `folder`."""
+    write_pool_jsonl(folder / "pool.jsonl.partial", rows)
+    clustered_embeddings(
+        folder / "emb.partial.npy", rows, dim, clusters=clusters, noise=0.3, seed=5, dtype=dtype
+    )
+    (folder / "recipe.yaml").write_text(RECIPE)
+    # Renamed last: a workdir whose generation was interrupted is generated again, never half used.
+    os.replace(folder / "emb.partial.npy", folder / "emb.npy")
+    os.replace(folder / "pool.jsonl.partial", folder / "pool.jsonl")
+
+
+def write_pool_jsonl(path: Path, rows: int) -> None:
+    """Deita-like ShareGPT rows (1-2 turns, 5-60-word questions, 20-300-word answers in paragraphs with a quote
+    and a list, so with the newlines and quotes JSON escapes; per-turn scores), written a chunk at a time from
+    vectorised draws with the JSON spelled out (the values need no escaping): a million rows in about a minute,
+    not the many minutes json.dumps per row takes on two busy cores."""
     rng = np.random.default_rng(0)
     chunk = 65536
-    with open(folder / "pool.jsonl.partial", "w") as handle:
+    with open(path, "w") as handle:
         for first in range(0, rows, chunk):
             n = min(chunk, rows - first)
             turns = 1 + (rng.random(n) < 0.3)
@@ -102,13 +115,6 @@ def write_pool(folder: Path, rows: int, dim: int, clusters: int, dtype: str) -> 
                     f'"quality_scores": [{q}]}}\n'
                 )
             handle.write("".join(lines))
-    clustered_embeddings(
-        folder / "emb.partial.npy", rows, dim, clusters=clusters, noise=0.3, seed=5, dtype=dtype
-    )
-    (folder / "recipe.yaml").write_text(RECIPE)
-    # Renamed last: a workdir whose generation was interrupted is generated again, never half used.
-    os.replace(folder / "emb.partial.npy", folder / "emb.npy")
-    os.replace(folder / "pool.jsonl.partial", folder / "pool.jsonl")
 
 
 # --- the three measured processes ---------------------------------------------------------------------------

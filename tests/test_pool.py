@@ -143,6 +143,18 @@ def test_glaive_toolcall_needs_an_explicit_role_map():
     assert len(pool) > 250
 
 
+def test_a_source_given_twice_is_an_error(tmp_path, monkeypatch):
+    """Ids name rows by (row, source): a source listed twice, however spelled, would put each row in the pool
+    twice, ids and all."""
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    monkeypatch.chdir(tmp_path)
+    for twice in ([path, path], ["p.jsonl", "./p.jsonl"], [path, "b.jsonl", str(path)]):
+        write_jsonl(tmp_path / "b.jsonl", [{"conversations": ROWS[0]["conversations"]}])
+        with pytest.raises(DeitaHubError, match="is given twice"):
+            read_pool(twice)
+    assert len(read_pool([path, "b.jsonl"])) == 6
+
+
 def test_columns_missing_from_the_first_rows_are_kept(tmp_path):
     rows = [dict(ROWS[0]), {**ROWS[1], "quality_scores": [4.5]}]
     pool = read_pool(write_jsonl(tmp_path / "p.jsonl", rows))
@@ -155,20 +167,55 @@ def test_columns_missing_from_the_first_rows_are_kept(tmp_path):
 def _row_by_row(monkeypatch, *args, **kwargs):
     with monkeypatch.context() as patch:
         patch.setattr(pool_module, "fast_jsonl", lambda *a, **k: None)
+        patch.setattr(pool_module, "table_in_bulk", lambda *a, **k: None)
         return read_pool(*args, **kwargs)
 
 
-def _bulk_used(monkeypatch) -> list:
+def _bulk_used(monkeypatch, reader: str = "fast_jsonl") -> list:
+    """Whether each source went through `reader` (`fast_jsonl`, or `table_in_bulk` for Arrow sources)."""
     used = []
-    real = pool_module.fast_jsonl
+    real = getattr(pool_module, reader)
 
     def spy(*args, **kwargs):
         result = real(*args, **kwargs)
         used.append(result is not None)
         return result
 
-    monkeypatch.setattr(pool_module, "fast_jsonl", spy)
+    monkeypatch.setattr(pool_module, reader, spy)
     return used
+
+
+def _same_pool(got, expected) -> None:
+    assert got.table.equals(expected.table) and got.table.schema == expected.table.schema
+    assert got.conversations == expected.conversations
+    assert (got.fingerprint, got.conversations_fingerprint) == (
+        expected.fingerprint,
+        expected.conversations_fingerprint,
+    )
+    assert got.rows.tolist() == expected.rows.tolist() and got.spec == expected.spec
+    assert got.invalid == expected.invalid and got.num_source_rows == expected.num_source_rows
+    assert got.response_lengths.tolist() == expected.response_lengths.tolist()
+
+
+def _read_row_by_row(monkeypatch, path, reader: str = "fast_jsonl") -> None:
+    """`path` is declined by the bulk `reader` and read as the row-by-row read reads it: the same pool, or the same
+    error, with bad rows raised and with them skipped."""
+    for on_invalid in ("error", "skip"):
+        try:
+            expected = _row_by_row(monkeypatch, path, on_invalid=on_invalid)
+        except Exception as exc:  # noqa: BLE001 - whatever the row-by-row path raises, the read raises too
+            expected = exc
+        used = _bulk_used(monkeypatch, reader)
+        try:
+            got = read_pool(path, on_invalid=on_invalid)
+        except Exception as exc:  # noqa: BLE001
+            got = exc
+        monkeypatch.undo()
+        assert used == [False]
+        if isinstance(expected, Exception):
+            assert type(got) is type(expected) and str(got) == str(expected)
+        else:
+            _same_pool(got, expected)
 
 
 SYSTEM_TURN = {"from": "system", "value": " "}  # a system prompt may be blank; a user or assistant turn not
@@ -214,13 +261,7 @@ def test_bulk_jsonl_read_equals_the_row_by_row_read(tmp_path, monkeypatch, layou
     used = _bulk_used(monkeypatch)
     bulk = read_pool(path, spec)
     assert used == [True]
-    assert bulk.table.equals(exact.table) and bulk.table.schema == exact.table.schema
-    assert bulk.conversations == exact.conversations
-    assert (bulk.fingerprint, bulk.conversations_fingerprint) == (
-        exact.fingerprint,
-        exact.conversations_fingerprint,
-    )
-    assert bulk.rows.tolist() == exact.rows.tolist() and bulk.spec == exact.spec
+    _same_pool(bulk, exact)
     if layout == "sharegpt":  # with a date-like string the bulk reader hands the file over; same pool
         path = write_jsonl(tmp_path / "dated.jsonl", rows)
         assert read_pool(path, spec).table.equals(_row_by_row(monkeypatch, path, spec).table)
@@ -294,22 +335,7 @@ HANDED_OFF_FIRST = {  # files that open with it
 def test_bulk_jsonl_hands_anything_unusual_to_the_row_by_row_path(tmp_path, monkeypatch, case):
     path = tmp_path / "p.jsonl"
     path.write_text(HANDED_OFF_FIRST.get(case) or ROWS_LINE + HANDED_OFF[case], encoding="utf-8")
-    for on_invalid in ("error", "skip"):
-        try:
-            expected = _row_by_row(monkeypatch, path, on_invalid=on_invalid)
-        except Exception as exc:  # noqa: BLE001 - whatever the row-by-row path raises, the read raises too
-            expected = exc
-        used = _bulk_used(monkeypatch)
-        try:
-            got = read_pool(path, on_invalid=on_invalid)
-        except Exception as exc:  # noqa: BLE001
-            got = exc
-        monkeypatch.undo()
-        assert used == [False]
-        if isinstance(expected, Exception):
-            assert type(got) is type(expected) and str(got) == str(expected)
-        else:
-            assert got.table.equals(expected.table) and got.invalid == expected.invalid
+    _read_row_by_row(monkeypatch, path)
 
 
 def test_bulk_scan_carries_lines_across_reads(tmp_path, monkeypatch):
@@ -536,6 +562,143 @@ def test_arrow_spells_fingerprint_lines_as_json_dumps(monkeypatch):
     ] + one_turn(["\n", "", '"'])
     for sliced in (False, True):
         assert _arrow_spelled(conversations, sliced=sliced) == _spelled(conversations)
+
+
+# --- Arrow sources (parquet, datasets) checked in bulk: the same Pool as row by row, or a hand-off to it ------
+
+
+def _as_source(tmp_path, table: pa.Table, kind: str, name: str = "p") -> Path:
+    """`table` written as a parquet file (several row groups) or a saved dataset (several record batches)."""
+    import datasets
+
+    if kind == "parquet":
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(table, path, row_group_size=2)
+        return path
+    path = tmp_path / name
+    datasets.Dataset(table).save_to_disk(str(path), max_shard_size=1 << 30)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "dataset"])
+@pytest.mark.parametrize("layout", sorted(BULK_POOLS))
+def test_an_arrow_source_checked_in_bulk_equals_the_row_by_row_read(tmp_path, monkeypatch, kind, layout):
+    """The table of a parquet file or a saved dataset is the same either way; the bulk checks take its
+    conversations column-wise (and spell their fingerprint while reading) where the row-by-row read makes a dict
+    per row."""
+    rows, spec = BULK_POOLS[layout]
+    table = _row_by_row(
+        monkeypatch, write_jsonl(tmp_path / "p.jsonl", rows[:-1] if layout == "sharegpt" else rows), spec
+    ).table
+    path = _as_source(tmp_path, table, kind)
+    exact = _row_by_row(monkeypatch, path, spec)
+    used = _bulk_used(monkeypatch, "table_in_bulk")
+    bulk = read_pool(path, spec)
+    assert used == [True]
+    _same_pool(bulk, exact)
+    if layout != "alpaca":  # turns are kept as Arrow columns, their fingerprint taken as they are checked
+        assert isinstance(bulk.conversations, pool_module.ArrowConversations)
+        assert "conversations_fingerprint" in bulk.__dict__
+    # Several sources: each checked in bulk, ids unique across them (row-by-row's message when not)
+    both = [
+        path,
+        _as_source(tmp_path, table.drop_columns(["id"]) if "id" in table.column_names else table, kind, "q"),
+    ]
+    _same_pool(read_pool(both, spec), _row_by_row(monkeypatch, both, spec))
+    assert used[-2:] == [True, True]
+    if "id" in table.column_names:
+        twice = [path, _as_source(tmp_path, table, kind, "again")]
+        with pytest.raises(DeitaHubError) as exact_error:
+            _row_by_row(monkeypatch, twice, spec)
+        with pytest.raises(DeitaHubError) as bulk_error:
+            read_pool(twice, spec)
+        assert str(bulk_error.value) == str(exact_error.value) and "id" in str(bulk_error.value)
+
+
+ARROW_HANDED_OFF = {  # a table the bulk checks do not take: the row-by-row read names the row, or reads it
+    "unknown role": pa.table(
+        {"conversations": [[{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]]}
+    ),
+    "blank answer": pa.table(
+        {"conversations": [[{"from": "human", "value": "q"}, {"from": "gpt", "value": " "}]]}
+    ),
+    "null value": pa.table(
+        {"conversations": [[{"from": "human", "value": "q"}, {"from": "gpt", "value": None}]]}
+    ),
+    "no turns": pa.table(
+        {
+            "conversations": pa.array(
+                [[]], pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+            )
+        }
+    ),
+    "duplicate id": pa.table({"id": ["a", "a"], "conversations": [ROWS[0]["conversations"]] * 2}),
+    "user twice": pa.table(
+        {"conversations": [[{"from": "human", "value": "q"}, {"from": "user", "value": "a"}]]}
+    ),
+    "large strings": pa.table(
+        {
+            "conversations": pa.array(
+                [ROWS[0]["conversations"]],
+                pa.list_(pa.struct([("from", pa.large_string()), ("value", pa.large_string())])),
+            )
+        }
+    ),
+    "large list": pa.table(
+        {
+            "conversations": pa.array(
+                [ROWS[0]["conversations"]],
+                pa.large_list(pa.struct([("from", pa.string()), ("value", pa.string())])),
+            )
+        }
+    ),
+    "content parts": pa.table(
+        {
+            "messages": [
+                [
+                    {"role": "user", "content": [{"type": "text", "text": "q"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+                ]
+            ]
+        }
+    ),
+    "no layout": pa.table({"text": ["q"]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARROW_HANDED_OFF))
+def test_an_arrow_source_the_bulk_checks_do_not_take_is_read_row_by_row(tmp_path, monkeypatch, case):
+    path = tmp_path / "p.parquet"
+    table = defect = ARROW_HANDED_OFF[case]
+    if "conversations" in defect.column_names:  # after a valid row of the same types
+        valid = pa.Table.from_pylist([ROWS[1]]).select(defect.column_names).cast(defect.schema)
+        table = pa.concat_tables([valid, defect])
+    pq.write_table(table, path)
+    _read_row_by_row(monkeypatch, path, "table_in_bulk")
+
+
+def test_an_arrow_table_of_sliced_chunks_is_checked_as_its_rows(monkeypatch):
+    """A dataset's table may be chunks that are slices of longer arrays (a `select`ed or sharded dataset, batches
+    of a memory-mapped file): the bulk checks read each chunk from its own offset."""
+    from deita_hub.conversations import to_conversation
+
+    spec = FormatSpec()
+    whole = pa.Table.from_pylist(
+        ROWS + [{"id": "r5", "conversations": [SYSTEM_TURN, *ROWS[1]["conversations"]]}]
+    )
+    table = pa.concat_tables([whole.slice(1, 3), whole.slice(4, 0), whole.slice(4)])
+    assert [len(c) for c in table.column("conversations").chunks] == [3, 0, 2]
+
+    def resolve(columns, name):
+        return spec.resolve(columns), "tag"
+
+    conversations, layout, tag, spelled = pool_module.table_in_bulk(table, "t", resolve, {}, only_source=True)
+    expected = [to_conversation(row, spec.resolve(table.column_names)) for row in table.to_pylist()]
+    assert conversations == expected and list(conversations) == expected
+    assert spelled == pool_module.conversations_fingerprint(expected)
+    assert conversations.response_lengths().tolist() == [
+        sum(len(t["content"]) for t in c if t["role"] == "assistant") for c in expected
+    ]
 
 
 # --- the read memo: an unchanged large JSONL file is read again without its scan and checksums -----------------

@@ -119,7 +119,7 @@ def _read_or_error(path, **kwargs):
         pool = read_pool(path, **kwargs)
     except DeitaHubError as exc:
         return str(exc)
-    return pool.table, pool.table.schema, pool.conversations
+    return pool.table, pool.table.schema, pool.conversations, pool.conversations_fingerprint, pool.invalid
 
 
 def _after_a_plain_row(**fields) -> list[dict]:
@@ -157,6 +157,79 @@ def test_bulk_read_against_the_first_lines_schema_equals_the_row_by_row_read(tmp
             assert got == expected
         else:
             assert got[0].equals(expected[0]) and got[1] == expected[1] and got[2] == expected[2]
+
+
+# Pools as datasets hold them: valid rows (user/assistant pairs, a system prompt or not, text that json escapes,
+# ids or not), and at most one defect in one row, so that a defect the bulk checks missed would be read as valid.
+DEFECTS = [
+    "role swapped",
+    "role unknown",
+    "role null",
+    "text blank",
+    "text null",
+    "no answer",
+    "no turns",
+    "id taken",
+]
+
+
+@st.composite
+def arrow_rows(draw) -> list[dict]:
+    text = st.text(min_size=1, max_size=6).filter(str.strip)
+    rows = []
+    for i in range(draw(st.integers(1, 5))):
+        turns = [{"from": "system", "value": draw(text | st.just(" "))}] if draw(st.booleans()) else []
+        for _ in range(draw(st.integers(1, 2))):
+            turns.append({"from": draw(st.sampled_from(["human", "user"])), "value": draw(text)})
+            turns.append({"from": draw(st.sampled_from(["gpt", "assistant"])), "value": draw(text)})
+        row = {"conversations": turns, **({"id": f"r{i}"} if draw(st.booleans()) else {})}
+        rows.append(
+            {**row, "score": draw(st.floats(allow_nan=False) | st.none())} if draw(st.booleans()) else row
+        )
+    defect = draw(st.sampled_from([None, *DEFECTS]))
+    row = rows[draw(st.integers(0, len(rows) - 1))]
+    turns = row["conversations"]
+    turn = turns[draw(st.integers(0, len(turns) - 1))]
+    if defect and defect.startswith("role"):
+        turn["from"] = {"role swapped": "gpt" if turn["from"] in ("human", "user") else "human"}.get(
+            defect, "bot" if defect == "role unknown" else None
+        )
+    elif defect and defect.startswith("text"):
+        turn["value"] = " \u3000" if defect == "text blank" else None
+    elif defect == "no answer":
+        turns.pop()
+    elif defect == "no turns":
+        turns.clear()
+    elif defect == "id taken":
+        row["id"] = rows[0].get("id", "r0")
+        rows[0]["id"] = row["id"]
+    return rows
+
+
+@SETTINGS
+@given(rows=arrow_rows(), row_group=st.integers(1, 4))
+def test_an_arrow_source_read_in_bulk_equals_the_row_by_row_read(tmp_path, rows, row_group):
+    """Whatever conversations a parquet file holds (and however its row groups cut them), checking its table in
+    bulk gives the pool (or the error) the row-by-row read gives: the same table, conversations, fingerprints
+    and skipped rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import deita_hub.pool as pool_module
+
+    folder = Folder(tmp_path)
+    path = folder.path / "pool.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group)
+    for on_invalid in ("error", "skip"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pool_module, "table_in_bulk", lambda *a, **k: None)
+            expected = _read_or_error(path, on_invalid=on_invalid)
+        got = _read_or_error(path, on_invalid=on_invalid)
+        if isinstance(expected, str):
+            assert got == expected
+        else:
+            assert got[0].equals(expected[0]) and got[1] == expected[1] and got[2] == expected[2]
+            assert got[3:] == expected[3:]
 
 
 @SETTINGS
