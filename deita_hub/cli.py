@@ -23,6 +23,7 @@ from deita_hub.conversations import FormatSpec
 from deita_hub.embedding import EmbedConfig
 from deita_hub.errors import DeitaHubError
 from deita_hub.evaluation.config import EvalConfig
+from deita_hub.progress import QUIET_ENV
 from deita_hub.recipes import PoolSpec, ScoresSpec
 from deita_hub.scoring.config import ScoreConfig
 from deita_hub.selection import SelectionConfig
@@ -58,12 +59,15 @@ def _set_verbosity(verbose: int, quiet: bool) -> None:
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.setLevel(level)
     logging.getLogger("huggingface_hub").propagate = bool(verbose)
+    # deita-hub's own bars (`progress_bar`), in this process and its children
+    os.environ[QUIET_ENV] = "1" if quiet else "0"
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
-        os.environ["DEITA_HUB_QUIET"] = "1"
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # read when `datasets` is imported, which no command has done yet: TRL's dataset preparation in `train`
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         import warnings

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from deita_hub.config import check_choices
 from deita_hub.cpu import cores
 from deita_hub.errors import DeitaHubError
+from deita_hub.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -664,9 +665,7 @@ def deita_select(
     def exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return b.astype(np.float64) @ a.astype(np.float64)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=budget, unit="row", desc="select", disable=not progress)
+    bar = progress_bar(total=budget, unit="row", desc="select", show=progress)
 
     def load(start: int, sketch_k: int) -> tuple[np.ndarray, ...]:
         """Block `start`: its positions, its rows as float32, their norms and, when `sketch_k` (the selected rows to

@@ -65,6 +65,9 @@ def cli_run(monkeypatch, capsys):
         with monkeypatch.context() as patch:
             if cwd is not None:
                 patch.chdir(cwd)
+            # -q/-v set these for the run (and its children); restored after it, as `env` is
+            patch.setenv("DEITA_HUB_QUIET", "0")
+            patch.delenv("TQDM_DISABLE", raising=False)
             for key, value in (env or {}).items():
                 patch.setenv(key, value)
             capsys.readouterr()

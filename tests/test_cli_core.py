@@ -91,6 +91,20 @@ def test_embed_then_select_with_baselines(tmp_path, run):
     assert len(ids16) == 20
 
 
+def test_quiet_prints_results_only(tmp_path, run):
+    """-q hides deita-hub's own progress bars too (tqdm lets an explicit `disable=False` win over TQDM_DISABLE),
+    before or after the command's name; without it they show. (In-process, a library imported by an earlier test
+    keeps its own bars: `test_kill_9_mid_run_then_resume` checks a whole `-q` process prints results only.)"""
+    run("demo-pool", "--out", "pool.jsonl", "--rows", "40", cwd=tmp_path)
+    embed = ["embed", "pool.jsonl", "--max-length", "16", "--out"]
+    loud, quiet = run(*embed, "a.npy", cwd=tmp_path), run("-q", *embed, "b.npy", cwd=tmp_path)
+    assert "embed:" in loud.stderr and "embed:" not in quiet.stderr and "wrote b.npy" in quiet.stdout
+    select = ["select", "pool.jsonl", "--embeddings", "a.npy", "--budget", "10", "--out"]
+    loud, quiet = run(*select, "a.jsonl", cwd=tmp_path), run(*select, "b.jsonl", "-q", cwd=tmp_path)
+    assert "select:" in loud.stderr and "select:" not in quiet.stderr and "wrote b.jsonl" in quiet.stdout
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

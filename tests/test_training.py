@@ -290,7 +290,8 @@ def test_packed_padding_free_and_padded_losses_are_equal(tmp_path):
 # --- resume ------------------------------------------------------------------------------------------------------
 
 
-def test_resume_continues_from_the_last_complete_checkpoint(tmp_path):
+def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, caplog, capsys):
+    import logging
     import shutil
 
     from transformers import TrainerCallback
@@ -299,7 +300,13 @@ def test_resume_continues_from_the_last_complete_checkpoint(tmp_path):
 
     pool = write_pool(tmp_path / "pool.jsonl", varied_conversations(8))
     settings = dict(max_steps=4, learning_rate=1e-3, eval_ratio=0.25)  # 6 rows train, 2 held out
+    caplog.set_level(logging.INFO, logger="deita_hub")
     straight = train(tiny_config(tmp_path, pool, output_dir=str(tmp_path / "straight"), **settings))
+    # each Trainer log is one line on deita-hub's logger (which -q silences), none a dict printed on stdout
+    logged = [message for message in caplog.messages if message.startswith("step ")]
+    assert [m.split(" (")[0] for m in logged if ": loss " in m] == [f"step {i}/4" for i in range(1, 5)]
+    assert any(m.startswith("step 4/4 (epoch") and "eval_loss " in m for m in logged)
+    assert "{" not in capsys.readouterr().out
     reference = losses(straight.final_dir)
     results = json.loads((straight.final_dir / "deita_run.json").read_text())["results"]
     assert [e["step"] for e in results["log_history"] if "eval_loss" in e] == [2, 4]  # eval at every save
@@ -518,10 +525,11 @@ def test_kill_9_mid_run_then_resume(tmp_path):
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL and not (out / "final").exists()
     resumed = subprocess.run(
-        [*args, "--resume"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [*args, "--resume", "-q"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint-" in resumed.stdout and "trained 6 steps" in resumed.stdout
+    assert resumed.stderr == "" and "{" not in resumed.stdout  # -q: results only, no progress
     record = json.loads((out / "final" / "deita_run.json").read_text())
     steps = [entry["step"] for entry in record["results"]["log_history"] if "loss" in entry]
     assert steps == list(range(1, 7))  # the restored log continues the interrupted one without a gap

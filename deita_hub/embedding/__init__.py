@@ -38,6 +38,7 @@ from deita_hub.config import DEVICE_HELP, DTYPE_HELP, DTYPES, VLLM_OPTIONS_METAD
 from deita_hub.errors import DeitaHubError
 from deita_hub.io import atomic_file, disk_full_error, is_disk_full, write_text
 from deita_hub.pool import conversations_fingerprint
+from deita_hub.progress import progress_bar
 from deita_hub.records import METADATA_SUFFIX, PARTIAL_SUFFIX
 from deita_hub.vllm_engine import check_options
 
@@ -336,8 +337,6 @@ def reserved_matrix(path: Path, shape: tuple[int, int]) -> np.memmap:
 
 
 def _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, progress):
-    from tqdm.auto import tqdm
-
     partial, progress_file = _partial_paths(out)
     meta = embedder.metadata()
     n = len(conversations)
@@ -363,7 +362,7 @@ def _embed_rows(conversations, out, config, embedder, run_key, pool_provenance, 
     try:
         with (
             terminate_as_interrupt(),
-            tqdm(total=n, initial=done, unit="row", desc="embed", disable=not progress) as bar,
+            progress_bar(total=n, initial=done, unit="row", desc="embed", show=progress) as bar,
         ):
             while done < n:
                 rows = order[done : done + config.batch_size]

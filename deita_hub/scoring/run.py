@@ -21,6 +21,7 @@ from deita_hub.conversations import pairs, validate
 from deita_hub.embedding import rerun_command, terminate_as_interrupt
 from deita_hub.errors import DeitaHubError, InvalidRecordError
 from deita_hub.io import atomic_file, write_text
+from deita_hub.progress import progress_bar
 from deita_hub.scoring import prompts
 from deita_hub.scoring.checkpoint import Checkpoint, checkpoint_dir, failures_path, metadata_path, run_key
 from deita_hub.scoring.config import ScoreConfig
@@ -207,8 +208,6 @@ def score_conversations(
     scorer=None,
 ) -> ScoreResult:
     """Score every conversation per (user, assistant) pair. `scorer`: an already loaded backend (optional)."""
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     n = len(conversations)
     checkpoint = Checkpoint(resume_dir, run_key(conversations, config)) if resume_dir is not None else None
@@ -219,8 +218,8 @@ def score_conversations(
     pending = [i for i in range(n) if i not in records]
     backend_meta = checkpoint.backend() if checkpoint else None
     load_seconds = 0.0  # model loading, kept out of rows_per_second
-    with tqdm(
-        total=n, initial=resumed, unit="row", desc=f"score {config.scorer}", disable=not progress
+    with progress_bar(
+        total=n, initial=resumed, unit="row", desc=f"score {config.scorer}", show=progress
     ) as bar:
 
         def on_rows(finished: list[dict[str, Any]]) -> None:

@@ -564,6 +564,36 @@ def _callback(recorder: _RunRecorder, uploader: CheckpointUploader | None, keep:
     return DeitaHubCallback()
 
 
+def _log_value(value) -> str:
+    """A logged number as a person reads it: whole numbers whole (tokens, a learning rate of 0), others to 4
+    significant digits, as the Trainer's own printer gives them."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value)
+
+
+def _log_lines():
+    from transformers import TrainerCallback
+
+    class LogLines(TrainerCallback):
+        """Each Trainer log (loss, learning rate, eval metrics, the run's totals) as one line through deita-hub's
+        logger, on stderr with its other progress lines (and hidden with them by -q)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            values = ", ".join(
+                f"{key} {_log_value(value)}"
+                for key, value in logs.items()
+                if key not in ("epoch", "total_flos")
+            )
+            log.info(
+                "step %d/%d (epoch %.3g): %s", state.global_step, state.max_steps, state.epoch or 0, values
+            )
+
+    return LogLines()
+
+
 def _trainer_class(stage: str = "sft"):
     if stage == "dpo":
         from trl import DPOTrainer
@@ -615,6 +645,7 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
 
     `rows`: the dataset as `training.data.read_training_rows` read it (read here when not given)."""
     import torch
+    from transformers import PrinterCallback
 
     from deita_hub.training.data import load_train_data, read_training_rows
 
@@ -673,6 +704,10 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
             base_model=base_model,
         )
     trainer.add_callback(_callback(recorder, uploader, config.save_total_limit))
+    trainer.remove_callback(
+        PrinterCallback
+    )  # a dict per log on stdout (the Trainer's bars are off): one line instead
+    trainer.add_callback(_log_lines())
     for callback in extra_callbacks:
         trainer.add_callback(callback)
     return trainer, recorder, uploader, data
