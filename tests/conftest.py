@@ -12,6 +12,12 @@ pytest_plugins = ["deita_hub.testing.pytest_plugin"]
 if (workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT")) and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
 
+# huggingface_hub and datasets read HF_HUB_OFFLINE once, when first imported: imported here, they take the
+# session's setting, not that of the test that happens to import them first. (An in-process CLI test runs with
+# HF_HUB_OFFLINE=1; a Hub test after it in the same process found the Hub switched off.)
+import datasets  # noqa: E402, F401
+import huggingface_hub  # noqa: E402, F401
+
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
