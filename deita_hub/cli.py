@@ -66,8 +66,6 @@ def _set_verbosity(verbose: int, quiet: bool) -> None:
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        # read when `datasets` is imported, which no command has done yet: TRL's dataset preparation in `train`
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         import warnings

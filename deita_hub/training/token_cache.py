@@ -132,8 +132,9 @@ def cache_key(inputs: dict[str, Any]) -> str:
 
 
 @contextmanager
-def _quiet_datasets():
-    """No `datasets` progress bars for saving or loading an entry (one log line says what happened)."""
+def quiet_datasets():
+    """No `datasets` progress bars for saving or loading an entry, or for TRL's preparation of the tokenized rows
+    (one log line says what happened)."""
     import datasets
 
     was_enabled = datasets.is_progress_bar_enabled()
@@ -158,7 +159,7 @@ def _read(folder: Path, key: str, *, warn: bool = True) -> Tokenized | None:
             raise ValueError(f"its {ENTRY_RECORD} is for key {str(entry.get('key'))[:12]}")
         stats = entry["stats"]
         # In memory: the Trainer's `map`s would otherwise write their cache files into the entry.
-        with _quiet_datasets():
+        with quiet_datasets():
             dataset = load_from_disk(str(folder / DATASET_DIR), keep_in_memory=True)
         if len(dataset) != stats["rows"]:
             raise ValueError(f"{len(dataset)} rows where {ENTRY_RECORD} says {stats['rows']}")
@@ -188,7 +189,7 @@ def _write(folder: Path, key: str, inputs: dict[str, Any], tokenized: Tokenized)
         },
     }
     try:
-        with atomic_folder(folder, overwrite=True) as tmp, _quiet_datasets():
+        with atomic_folder(folder, overwrite=True) as tmp, quiet_datasets():
             tokenized.dataset.save_to_disk(str(tmp / DATASET_DIR))
             write_text(tmp / ENTRY_RECORD, json.dumps(entry, indent=1, ensure_ascii=False) + "\n")
     except (OSError, DeitaHubError) as exc:  # a cache that cannot be written costs time, not the run

@@ -648,6 +648,7 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
     from transformers import PrinterCallback
 
     from deita_hub.training.data import load_train_data, read_training_rows
+    from deita_hub.training.token_cache import quiet_datasets
 
     cuda = torch.cuda.is_available()
     devices = world_size()
@@ -671,7 +672,10 @@ def build_trainer(config: TrainConfig, *, extra_callbacks=(), uploader_factory=N
         log.info(
             "qlora on CPU: bitsandbytes' CPU 4-bit kernels train, slowly (fine for tiny models and tests)"
         )
-    with _config_mixed_precision(config):
+    with (
+        _config_mixed_precision(config),
+        quiet_datasets(),
+    ):  # TRL's "Building labels" bar: rows already tokenized
         make_args = dpo_config if config.stage == "dpo" else sft_config
         args = make_args(
             config, gradient_accumulation_steps=accumulation, has_eval=data.eval is not None, cuda=cuda
