@@ -501,17 +501,18 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     _claim(out)
     todo = [s for s in steps if not s.done]
+    # Progress on the logger (stderr, hidden by -q); `echo` prints results only.
     for step in steps:
         if step.done:
-            echo(f"cached: {step.label}")
+            log.info("cached: %s", step.label)
     if workers > 1:
-        _run_parallel(todo, ablation, workers, echo)
+        _run_parallel(todo, ablation, workers)
     else:
         with _shared_judge(ablation, out, todo) as judge:
             for step in todo:
-                echo(f"running: {step.label}")
+                log.info("running: %s", step.label)
                 record = run_step(step, ablation, judge)
-                echo(f"done: {step.label} ({record['seconds']:.0f} s)")
+                log.info("done: %s (%.0f s)", step.label, record["seconds"])
     return report(ablation, out, steps)
 
 
@@ -533,13 +534,13 @@ def _shared_judge(ablation: Ablation, out: Path, todo: list[Step]) -> Iterator[t
         yield server.url, folder
 
 
-def _run_parallel(todo: list[Step], ablation: Ablation, workers: int, echo) -> None:
+def _run_parallel(todo: list[Step], ablation: Ablation, workers: int) -> None:
     """Builds first, then each arm-and-seed chain (train, eval) as a Ray task: one GPU each when there are GPUs."""
     from deita_hub.errors import require
 
     ray = require("ray", "ray", "Running ablation arms in parallel (--workers)")
     for step in [s for s in todo if s.kind == "build"]:
-        echo(f"running: {step.label}")
+        log.info("running: %s", step.label)
         run_step(step, ablation)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -554,12 +555,12 @@ def _run_parallel(todo: list[Step], ablation: Ablation, workers: int, echo) -> N
     while queue or pending:
         while queue and len(pending) < workers:
             (arm, seed), chain = queue.pop(0)
-            echo(f"running: {arm} seed {seed} ({', '.join(s.kind for s in chain)})")
+            log.info("running: %s seed %d (%s)", arm, seed, ", ".join(s.kind for s in chain))
             pending[remote.remote(chain, ablation)] = (arm, seed)
         ready, _ = ray.wait(list(pending), num_returns=1)
         arm, seed = pending.pop(ready[0])
         ray.get(ready[0])
-        echo(f"done: {arm} seed {seed}")
+        log.info("done: %s seed %d", arm, seed)
 
 
 def _chain(chain: list[Step], ablation: Ablation) -> None:

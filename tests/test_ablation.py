@@ -261,7 +261,8 @@ def cached_ablation(tmp_path, numbers=NUMBERS):
 def test_report_states_the_per_arm_numbers_their_spread_and_paired_differences(tmp_path, cli_run):
     path, out = cached_ablation(tmp_path)
     result = cli_run("ablate", path, "--out", out)
-    assert result.returncode == 0 and "running:" not in result.stdout, result.stderr
+    assert result.returncode == 0 and "running:" not in result.stdout + result.stderr, result.stderr
+    assert "cached: train deita seed 1" in result.stderr  # progress on stderr, results on stdout
     results = json.loads((out / "results.json").read_text())
     loss = results["benchmarks"]["held-out loss"]["arms"]
     assert loss["deita"]["per_seed"] == [1.0, 1.2] and loss["random"]["per_seed"] == [1.5, 1.4]
@@ -390,7 +391,7 @@ def test_tiny_ablation_end_to_end_resume_and_changed_arm(tmp_path, cli_run):
     assert not (train_folder / "step.json").exists()  # killed mid-training: not marked done
 
     result = ablate(path, out)
-    assert "cached: build recipe" in result.stdout
+    assert "cached: build recipe" in result.stderr
     log = next(out.glob("logs/train-deita-s1-*.log")).read_text()
     assert "--resume" in log and "resumed from checkpoint-1" in log
 
@@ -408,7 +409,7 @@ def test_tiny_ablation_end_to_end_resume_and_changed_arm(tmp_path, cli_run):
 
     # Unchanged: every step cached. One arm changed: only its steps run ...
     again = ablate(path, out)
-    assert "running:" not in again.stdout
+    assert "running:" not in again.stderr and "cached: eval random seed 1" in again.stderr
     changed = write_ablation(
         tmp_path,
         seeds=(1,),
@@ -421,9 +422,9 @@ def test_tiny_ablation_end_to_end_resume_and_changed_arm(tmp_path, cli_run):
     # one CPU each here).
     pytest.importorskip("ray", reason="the [ray] extra runs arms in parallel")
     rerun = ablate(changed, out, "--workers", "2")
-    ran = [line for line in rerun.stdout.splitlines() if line.startswith("running:")]
-    assert ran == ["running: random seed 1 (train, eval)"], rerun.stdout
-    assert "cached: train deita seed 1" in rerun.stdout and "cached: eval deita seed 1" in rerun.stdout
+    ran = [line for line in rerun.stderr.splitlines() if line.startswith("running:")]
+    assert ran == ["running: random seed 1 (train, eval)"], rerun.stderr
+    assert "cached: train deita seed 1" in rerun.stderr and "cached: eval deita seed 1" in rerun.stderr
     results = json.loads((out / "results.json").read_text())
     assert (
         results["arms"][1]["config"] == "longest-40"
