@@ -185,7 +185,9 @@ def _bulk_used(monkeypatch, reader: str = "fast_jsonl") -> list:
     return used
 
 
-def _same_pool(got, expected) -> None:
+def _same_pool(got, expected) -> bool:
+    """`got` is the pool `expected` is: columns, schema, conversations, fingerprints, rows, skipped rows (asserted
+    here, so a failure names the part; True, so `assert _same_pool(...) and ...` reads too)."""
     assert got.table.equals(expected.table) and got.table.schema == expected.table.schema
     assert got.conversations == expected.conversations
     assert (got.fingerprint, got.conversations_fingerprint) == (
@@ -195,6 +197,7 @@ def _same_pool(got, expected) -> None:
     assert got.rows.tolist() == expected.rows.tolist() and got.spec == expected.spec
     assert got.invalid == expected.invalid and got.num_source_rows == expected.num_source_rows
     assert got.response_lengths.tolist() == expected.response_lengths.tolist()
+    return True
 
 
 def _read_row_by_row(monkeypatch, path, reader: str = "fast_jsonl") -> None:
@@ -721,16 +724,6 @@ def _full_reads(monkeypatch) -> list:
         pool_module, "_scanned", lambda path, digest: scanned.append(path) or real(path, digest)
     )
     return scanned
-
-
-def _same_pool(pool, exact) -> bool:
-    return (
-        pool.table.equals(exact.table)
-        and pool.conversations == exact.conversations
-        and pool.rows.tolist() == exact.rows.tolist()
-        and (pool.fingerprint, pool.conversations_fingerprint)
-        == (exact.fingerprint, exact.conversations_fingerprint)
-    )
 
 
 def test_an_unchanged_file_is_read_again_from_its_memo(tmp_path, monkeypatch, memo_dir):
