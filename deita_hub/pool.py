@@ -918,9 +918,10 @@ def _head_schema(path: Path) -> pa.Schema | None:
     return first.schema if first is not None and first.num_columns else None
 
 
-def _read_json(path: Path, digest) -> tuple[pa.Table, _LineScan] | None:
+def _read_json(path: Path, digest, scan: _LineScan | None = None) -> tuple[pa.Table, _LineScan] | None:
     """The JSONL file as Arrow's JSON reader reads it against a schema, with its scan (`_scanned`: its bytes fed to
-    `digest`); None when it cannot read it or may not be given it (`_LineScan` says).
+    `digest`; or `scan`, when a streamed read has taken it); None when it cannot read it or may not be given it
+    (`_LineScan` says).
 
     Arrow infers types well but misreads values while inferring: a list whose first item is null comes out
     wrong (`[null, false]` as `[false, false]` in pyarrow 26 and `[false]` in 21; `[null, "a"]` as a corrupt
@@ -930,7 +931,7 @@ def _read_json(path: Path, digest) -> tuple[pa.Table, _LineScan] | None:
     inferred from the whole file and the file parsed against that. The file is scanned and hashed first; Arrow
     then reads it from its path."""
     first = _head_schema(path)
-    scan = _scanned(path, digest)
+    scan = scan if scan is not None else _scanned(path, digest)
     if scan is None:
         return None
     table = _parse_json(path, first) if first is not None else None
@@ -954,14 +955,26 @@ def fast_jsonl(
         return None
     started, before = time.time_ns(), _file_identity(path)
     memo = _ReadMemo.load(memo_dir, path, before)
+    digest, scan = (
+        None,
+        None,
+    )  # a first read's: taken once, for the stream and for the whole-file read after it
     if only_source and before["size"] >= _STREAM_MIN_BYTES:
-        streamed = _streamed_jsonl(path, name, resolve, seen_ids, memo, memo_dir, started, before)
+        if memo is None:
+            digest = _HashInBackground(hashlib.sha256())
+            scan = _scanned(path, digest)
+            if scan is None:
+                return None  # a line Arrow may not be given: the row-by-row path reads the file
+        streamed = _streamed_jsonl(
+            path, name, resolve, seen_ids, memo, scan, digest, memo_dir, started, before
+        )
         if streamed is not None:
             return streamed
     table = _parse_json(str(path), memo.schema) if memo is not None else None
     if table is None or _file_identity(path) != before:  # no memo, or the file changed while it was parsed
-        digest = _HashInBackground(hashlib.sha256())
-        read = _read_json(path, digest)
+        if scan is None:
+            digest = _HashInBackground(hashlib.sha256())
+        read = _read_json(path, digest, scan)
         if read is None or _file_identity(path) != before:
             return (
                 None  # or the file changed while it was read: the hash and the table may be of two versions
@@ -1213,16 +1226,16 @@ def _stream(path: Path, file: PoolFile, spelled, *, block_bytes: int) -> tuple[p
 
 
 def _streamed_jsonl(
-    path: Path, name: str, resolve, seen_ids: dict, memo, memo_dir, started: int, before: dict
+    path: Path, name: str, resolve, seen_ids: dict, memo, scan, digest, memo_dir, started: int, before: dict
 ):
     """`fast_jsonl`'s result for a large single source of turns, streamed (see above); None when it is not one,
-    or when anything is off (the whole-file path then reads it, and the row-by-row path if that fails too)."""
+    or when anything is off (the whole-file path then reads it, and the row-by-row path if that fails too).
+    Without a `memo`, `scan` is the file's scan, its bytes fed to `digest` (by `fast_jsonl`, which hands both to
+    the whole-file read if the stream fails: the file is scanned and hashed once)."""
     bounds, learned = None, False
     if memo is None:
-        digest = _HashInBackground(hashlib.sha256())
         schema = _head_schema(path)
-        scan = _scanned(path, digest) if schema is not None else None
-        if scan is None:
+        if schema is None:
             return None
         memo = _ReadMemo(before, digest.hexdigest(), scan.lines, scan.longest, schema, {})
         bounds, learned = scan.bounds(), True

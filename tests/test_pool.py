@@ -873,13 +873,16 @@ def test_a_streamed_read_equals_the_row_by_row_read(tmp_path, monkeypatch, strea
 @pytest.mark.parametrize("case", sorted(SCHEMA_CHANGES))
 def test_a_streamed_read_meeting_new_fields_reads_the_file_whole(tmp_path, monkeypatch, streamed, case):
     """A block Arrow cannot parse against the first lines' schema ends the stream: the whole-file read takes
-    over, with the whole file's schema (and gives the row-by-row read's pool)."""
+    over, with the whole file's schema (and gives the row-by-row read's pool), and the stream's scan of the file
+    (it is scanned and hashed once)."""
     extras, _ = SCHEMA_CHANGES[case]
     rows = [{**ROWS[i], **extra} for i, extra in enumerate(extras)]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     exact = _row_by_row(monkeypatch, path)
     monkeypatch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", len(json.dumps(rows[0])) + 1)  # the first line
+    scanned = _full_reads(monkeypatch)
     pool = read_pool(path)
+    assert scanned == [path]
     assert _streams(pool) == (case in ("uniform", "list opening with null"))
     assert _same_pool(pool, exact) and pool.table.schema == exact.table.schema
     assert _same_rows_taken(pool, exact, [1, 0])
