@@ -185,8 +185,11 @@ def _restore_signals(previous: dict) -> None:
 def _quiet_unrelated_loggers() -> None:
     # sentence-transformers imports transformers.trainer_utils, which imports peft, which imports bitsandbytes
     # when installed ([qlora]); on import bitsandbytes logs a warning about its optional `kernels` package for
-    # CPU 4-bit matmuls, which only 4-bit weights use. A command prints only what concerns its own work.
+    # CPU 4-bit matmuls, which only 4-bit weights use, or, with `kernels` installed (transformers >= 5.25 requires
+    # it), `kernels` warns that offline it skips the check of the kernel's publisher. A command prints only what
+    # concerns its own work.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
