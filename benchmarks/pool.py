@@ -4,14 +4,16 @@
     python benchmarks/pool.py --rows 1000000      # a million (the row-by-row reads hold ~6 GiB each)
 
 The same generated ShareGPT rows (`build.py`'s: 1-2 turns with quotes, newlines and lists, per-turn scores) are
-written as JSONL, as parquet (row groups of 64K rows) and as a saved `datasets` folder. Each source is read by
-`read_pool` in a process of its own, twice: as deita-hub reads it (JSONL: parsed by Arrow and checked column-wise,
-streamed from 64 MiB; parquet and datasets: the Arrow table checked column-wise), then row by row, the baseline:
-every row a Python dict through `to_conversation`, as every source but JSONL was read before. Each first read
-finds no read memo. Printed per read: wall, user and kernel CPU seconds, peak RSS, and the speed-up and memory
-ratio against the row-by-row read of the same source; then the seconds the pool's conversations fingerprint takes
-after the read (the bulk reads spell it while reading; the row-by-row read spells it row by row in Python), and
-whether every read gave the same pool (both fingerprints and the table's columns).
+written as JSONL, as parquet (row groups of 64K rows), as a saved `datasets` folder, and as JSONL with one more
+line that has a field no earlier line has (`late-field`: the stream meets it in its last block, after the first
+lines' schema). Each source is read by `read_pool` in a process of its own, twice: as deita-hub reads it (JSONL:
+parsed by Arrow and checked column-wise, streamed from 64 MiB; parquet and datasets: the Arrow table checked
+column-wise), then row by row, the baseline: every row a Python dict through `to_conversation`, as every source
+but JSONL was read before. Each first read finds no read memo. Printed per read: wall, user and kernel CPU
+seconds, peak RSS, and the speed-up and memory ratio against the row-by-row read of the same source; then the
+seconds the pool's conversations fingerprint takes after the read (the bulk reads spell it while reading; the
+row-by-row read spells it row by row in Python), and whether each source gave the same pool both ways (both
+fingerprints and the table's columns), the first three the same pool.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import clock, first_touch_rate, load_average, peak_rss_bytes  # noqa: E402
 from build import write_pool_jsonl  # noqa: E402
 
-SOURCES = {"jsonl": "pool.jsonl", "parquet": "pool.parquet", "dataset": "pool-dataset"}
+SOURCES = {
+    "jsonl": "pool.jsonl",
+    "parquet": "pool.parquet",
+    "dataset": "pool-dataset",
+    "late-field": "late.jsonl",
+}
+LATE_ROW = {  # the last line of late.jsonl: a field no earlier line has
+    "id": "late",
+    "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+    "complexity_scores": [1.0],
+    "quality_scores": [2.0],
+    "source": "added later",
+}
 ROW_GROUP = 65536
 
 
 def write_sources(folder: Path, rows: int) -> None:
-    """The pool as JSONL, then the same rows as parquet and as a saved dataset (a folder written and renamed last
-    per source, so an interrupted run writes it again)."""
+    """The pool as JSONL, then the same rows as parquet and as a saved dataset, and as JSONL with one more line that
+    has a new field (each written and renamed last, so an interrupted run writes it again)."""
     import datasets
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
@@ -54,6 +68,11 @@ def write_sources(folder: Path, rows: int) -> None:
         shutil.rmtree(folder / "dataset.partial", ignore_errors=True)
         datasets.Dataset(table).save_to_disk(str(folder / "dataset.partial"))
         os.replace(folder / "dataset.partial", folder / SOURCES["dataset"])
+    if not (folder / SOURCES["late-field"]).exists():
+        shutil.copyfile(jsonl, folder / "late.partial")
+        with open(folder / "late.partial", "a") as handle:
+            handle.write(json.dumps(LATE_ROW) + "\n")
+        os.replace(folder / "late.partial", folder / SOURCES["late-field"])
 
 
 def read(folder: Path, source: str, how: str) -> dict:
@@ -107,7 +126,7 @@ def report(folder: Path, rows: int) -> None:
     }
     print(f"pool {rows:,} ShareGPT rows: " + ", ".join(f"{s} {b / 2**20:,.0f} MiB" for s, b in sizes.items()))
     print(f"load average {load_average()} ({os.cpu_count()} CPUs); {fresh_memory('before')}")
-    head = f"{'source':<9}{'read':<12}{'wall s':>8}{'user s':>8}{'kernel s':>9}{'peak MiB':>10}"
+    head = f"{'source':<11}{'read':<12}{'wall s':>8}{'user s':>8}{'kernel s':>9}{'peak MiB':>10}"
     print(head + f"{'x faster':>10}{'x memory':>10}{'fingerprint s':>15}  conversations")
     results = {}
     for source in SOURCES:
@@ -116,14 +135,20 @@ def report(folder: Path, rows: int) -> None:
             base = results[source, "row-by-row"]
             wall, user, kernel = got["read"]
             print(
-                f"{source:<9}{how:<12}{wall:>8.2f}{user:>8.2f}{kernel:>9.2f}{got['peak_rss'] / 2**20:>10,.0f}"
+                f"{source:<11}{how:<12}{wall:>8.2f}{user:>8.2f}{kernel:>9.2f}{got['peak_rss'] / 2**20:>10,.0f}"
                 f"{base['read'][0] / wall:>10.2f}{got['peak_rss'] / base['peak_rss']:>10.2f}"
                 f"{got['fingerprint_seconds']:>15.2f}  {got['kind']}"
             )
-    same = {json.dumps([r["rows"], r["conversations_fingerprint"], r["columns"]]) for r in results.values()}
+
+    def pool(source: str, how: str) -> str:
+        r = results[source, how]
+        return json.dumps([r["rows"], r["conversations_fingerprint"], r["columns"]])
+
+    same = len({pool(source, how) for source, how in results if source != "late-field"}) == 1
+    same &= pool("late-field", "bulk") == pool("late-field", "row-by-row")
     print(f"load average {load_average()}; {fresh_memory('after')}")
-    print(f"every read gave the same pool (rows, conversations fingerprint, columns): {len(same) == 1}")
-    if len(same) != 1:
+    print(f"each source read the same pool both ways, and the first three the same pool: {same}")
+    if not same:
         raise SystemExit("the reads differ")
 
 

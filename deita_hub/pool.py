@@ -935,12 +935,18 @@ def _read_json(path: Path, digest, scan: _LineScan | None = None) -> tuple[pa.Ta
     if scan is None:
         return None
     table = _parse_json(path, first) if first is not None else None
-    # New fields or types further on (or a first line Arrow cannot read): the types are inferred from the whole
-    # file, once its lines pass the nesting count too.
-    if table is None:
-        inferred = _parse_json(path) if _nesting_fine(path) else None
-        table = _parse_json(path, inferred.schema) if inferred is not None and inferred.num_columns else None
+    if table is None:  # new fields or types further on (or a first line Arrow cannot read)
+        schema = _whole_file_schema(path)
+        table = _parse_json(path, schema) if schema is not None else None
     return None if table is None else (table, scan)
+
+
+def _whole_file_schema(path: Path) -> pa.Schema | None:
+    """The types Arrow infers from every line of the file, once its lines pass the nesting count too (the table
+    that inference parses is dropped at once: its values are not to be trusted, see `_read_json`); None when it
+    cannot infer them."""
+    inferred = _parse_json(path) if _nesting_fine(path) else None
+    return inferred.schema if inferred is not None and inferred.num_columns else None
 
 
 def fast_jsonl(
@@ -1179,8 +1185,8 @@ def _stream(path: Path, file: PoolFile, spelled, *, block_bytes: int) -> tuple[p
     """Stream `file`'s source through Arrow's JSON reader, in blocks of `block_bytes` (no line longer: Arrow's
     reader may abort on a line across three blocks): per block, the bulk read's checks (`fast_jsonl`), its
     fingerprint lines fed to `spelled` (when given), its response lengths; its columns but the deferred one kept.
-    None when Arrow cannot parse a block against the schema or a block fails a check (the whole-file path then
-    reads the file)."""
+    None when a block fails a check (the whole-file path then reads the file), `_MISFIT` when Arrow cannot parse
+    one against the schema."""
     import pyarrow.json as pa_json
 
     keys = _turn_keys(file.columns.field(file.deferred).type, file.spec)
@@ -1219,10 +1225,13 @@ def _stream(path: Path, file: PoolFile, spelled, *, block_bytes: int) -> tuple[p
             held.append(table)
             lengths.append(block_lengths)
     except pa.lib.ArrowException:
-        return None
+        return _MISFIT
     if not held:
         return None
     return pa.concat_tables(held), np.concatenate(lengths)
+
+
+_MISFIT = "a line with a field or type the schema lacks (or no JSON Arrow reads)"
 
 
 def _streamed_jsonl(
@@ -1239,26 +1248,38 @@ def _streamed_jsonl(
             return None
         memo = _ReadMemo(before, digest.hexdigest(), scan.lines, scan.longest, schema, {})
         bounds, learned = scan.bounds(), True
-    if any(_read_differently(f.type) for f in memo.schema):
+
+    def stream(schema: pa.Schema):
+        if any(_read_differently(f.type) for f in schema):
+            return None
+        try:
+            layout, tag = resolve(schema.names, name)
+        except DeitaHubError:
+            return None
+        if layout.format not in ("sharegpt", "openai") or layout.system_field is not None:
+            return None
+        deferred = layout.conversations_field if layout.format == "sharegpt" else layout.messages_field
+        if deferred not in schema.names or len(schema) < 2:
+            return None  # (a table of no columns keeps no row count through every pyarrow version: read it whole)
+        columns = schema
+        if _inference_sorts_struct_fields():
+            columns = pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in schema])
+        file = PoolFile(path, before, schema, columns, deferred, layout, memo.lines, bounds)
+        spelled = None if memo.spelled.get(tag) else _HashInBackground(hashlib.sha256())
+        streamed = _stream(path, file, spelled, block_bytes=max(_STREAM_BLOCK_BYTES, memo.longest))
+        return (
+            streamed if streamed is None or streamed is _MISFIT else (*streamed, file, layout, tag, spelled)
+        )
+
+    streamed = stream(memo.schema)
+    if streamed is _MISFIT and learned:
+        # Later lines hold fields or types the first lines' schema lacks: the whole file's schema, as the whole-file
+        # read infers it, and the stream again against that. The memo keeps it: the next read streams at once.
+        memo.schema = _whole_file_schema(path)
+        streamed = stream(memo.schema) if memo.schema is not None else None
+    if streamed is None or streamed is _MISFIT or _file_identity(path) != before:
         return None
-    try:
-        layout, tag = resolve(memo.schema.names, name)
-    except DeitaHubError:
-        return None
-    if layout.format not in ("sharegpt", "openai") or layout.system_field is not None:
-        return None
-    deferred = layout.conversations_field if layout.format == "sharegpt" else layout.messages_field
-    if deferred not in memo.schema.names or len(memo.schema) < 2:
-        return None  # (a table of no columns keeps no row count through every pyarrow version: read it whole)
-    columns = memo.schema
-    if _inference_sorts_struct_fields():
-        columns = pa.schema([f.with_type(_sorted_struct_fields(f.type)) for f in memo.schema])
-    file = PoolFile(path, before, memo.schema, columns, deferred, layout, memo.lines, bounds)
-    spelled = None if memo.spelled.get(tag) else _HashInBackground(hashlib.sha256())
-    streamed = _stream(path, file, spelled, block_bytes=max(_STREAM_BLOCK_BYTES, memo.longest))
-    if streamed is None or _file_identity(path) != before:
-        return None
-    held, lengths = streamed
+    held, lengths, file, layout, tag, spelled = streamed
     if held.num_rows != file.rows or not _ids_unique(held, name, seen_ids, only_source=True):
         return None
     fingerprint = memo.settle(tag, spelled, learned=learned, memo_dir=memo_dir, path=path, started_ns=started)

@@ -871,21 +871,29 @@ def test_a_streamed_read_equals_the_row_by_row_read(tmp_path, monkeypatch, strea
 
 
 @pytest.mark.parametrize("case", sorted(SCHEMA_CHANGES))
-def test_a_streamed_read_meeting_new_fields_reads_the_file_whole(tmp_path, monkeypatch, streamed, case):
-    """A block Arrow cannot parse against the first lines' schema ends the stream: the whole-file read takes
-    over, with the whole file's schema (and gives the row-by-row read's pool), and the stream's scan of the file
-    (it is scanned and hashed once)."""
-    extras, _ = SCHEMA_CHANGES[case]
+def test_a_streamed_read_meeting_new_fields_streams_against_the_whole_files_schema(
+    tmp_path, monkeypatch, streamed, memo_dir, case
+):
+    """A block Arrow cannot parse against the first lines' schema ends the stream: the whole file's schema is
+    inferred (as the whole-file read infers it) and the file streamed again against it, which gives the row-by-row
+    read's pool. The file is scanned and hashed once, and its memo keeps that schema: the next read streams once."""
+    extras, parses = SCHEMA_CHANGES[case]
     rows = [{**ROWS[i], **extra} for i, extra in enumerate(extras)]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     exact = _row_by_row(monkeypatch, path)
     monkeypatch.setattr(pool_module, "_SCHEMA_PREFIX_BYTES", len(json.dumps(rows[0])) + 1)  # the first line
-    scanned = _full_reads(monkeypatch)
-    pool = read_pool(path)
-    assert scanned == [path]
-    assert _streams(pool) == (case in ("uniform", "list opening with null"))
+    scanned, streams, real_stream = _full_reads(monkeypatch), [], pool_module._stream
+    monkeypatch.setattr(
+        pool_module, "_stream", lambda *a, **k: streams.append(a[1].parsed) or real_stream(*a, **k)
+    )
+    pool = read_pool(path, cache_dir=memo_dir)
+    assert scanned == [path] and _streams(pool) and len(streams) == (1 if parses == 1 else 2)
     assert _same_pool(pool, exact) and pool.table.schema == exact.table.schema
     assert _same_rows_taken(pool, exact, [1, 0])
+    again = read_pool(path, cache_dir=memo_dir)
+    # one stream, against the schema the first read ended with (not scanned: its memo has the lines)
+    assert scanned == [path] and _streams(again) and len(streams) == (2 if parses == 1 else 3)
+    assert streams[-1] == streams[-2] and _same_pool(again, exact)
 
 
 @pytest.mark.parametrize("case", sorted(HANDED_OFF | HANDED_OFF_FIRST))
