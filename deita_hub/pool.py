@@ -1049,6 +1049,9 @@ _STREAM_MIN_BYTES = 1 << 26  # smaller sources are read whole
 # Arrow's streaming reader parses some 40 blocks ahead of its reader, so its blocks are kept small: at 16 MiB they
 # held 0.65 GB, at 4 MiB 0.16 GB (1M rows, 1.6 GB, 2 cores; memory freed and faulted in again as it streams).
 _STREAM_BLOCK_BYTES = 1 << 22
+# What `_stream` returns when Arrow cannot parse a block against the schema: a line with a field or type the schema
+# lacks (the stream then tries the whole file's schema), or no JSON Arrow reads.
+_MISFIT = "misfit"
 
 
 @dataclass
@@ -1229,9 +1232,6 @@ def _stream(path: Path, file: PoolFile, spelled, *, block_bytes: int) -> tuple[p
     if not held:
         return None
     return pa.concat_tables(held), np.concatenate(lengths)
-
-
-_MISFIT = "a line with a field or type the schema lacks (or no JSON Arrow reads)"
 
 
 def _streamed_jsonl(
